@@ -1,0 +1,238 @@
+"""
+Evaluate a trained model: reconstruction quality and how its codebooks are used.
+
+  python eval.py --ckpt out/vqvae_shapes/ckpt.pt [--split test] [--json metrics.json] [--grid recon.png]
+
+What the numbers mean (images are scaled to [0, 1] for every pixel metric, reconstructions clamped to [0, 1]):
+  mse             mean squared error over every pixel of the split
+  psnr            10 log10(1 / mse) of that global MSE (what skimage's peak_signal_noise_ratio gives for the whole
+                  split taken as one image, data_range=1)
+  psnr_per_image  the mean over images of each image's PSNR (a different, usually larger, number)
+  mean_image_psnr the PSNR of predicting every image by the split's mean image: the floor any model must beat
+For each codebook (named by the model: "vq", or "top" / "bottom", ...):
+  perplexity      exp(entropy) of the code counts over the whole split (the mean of per-batch perplexities is a
+                  different, smaller number); K when every code is used equally often
+  usage, dead     fraction of codes used at least once over the split, and the number never used
+  eff_dim_99      the smallest k whose top-k PCA eigenvalues explain >= 99% of the variance, of the pre-quantization
+                  latents and of the codebook vectors
+  pr              participation ratio (sum l)^2 / sum l^2 of the same spectra
+  waterfill_dim   the number of latent dimensions that reverse water-filling gives bits at rate log2 K
+"""
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metric functions: small, importable, each tested against numpy.
+
+
+def per_image_mse(x, x_hat):
+    """Images in [-1, 1], (B, C, H, W) -> (B,) MSE on the [0, 1] scale, the reconstruction clamped to [0, 1]."""
+    x01 = (x.float() + 1) / 2
+    x_hat01 = ((x_hat.float() + 1) / 2).clamp(0, 1)
+    return ((x_hat01 - x01) ** 2).flatten(1).mean(1)
+
+
+def psnr(mse):
+    """PSNR in dB for images with data range 1. Works on floats and tensors."""
+    if torch.is_tensor(mse):
+        return 10 * torch.log10(1 / mse)
+    return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+
+
+def perplexity(counts):
+    """exp of the entropy of the distribution counts / counts.sum(); unused codes contribute nothing."""
+    p = counts.double() / counts.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def eigenvalues(v):
+    """Eigenvalues of the covariance of the rows of v (N, D), largest first, in float64."""
+    v = v.double()
+    v = v - v.mean(0)
+    cov = v.t() @ v / max(v.shape[0] - 1, 1)
+    return torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
+
+
+def eff_dim(eigs, fraction=0.99):
+    """The smallest k whose k largest eigenvalues explain at least `fraction` of their sum (eff_dim_99)."""
+    cum = eigs.cumsum(0) / eigs.sum()
+    return int((cum < fraction).sum()) + 1
+
+
+def participation_ratio(eigs):
+    """(sum l)^2 / sum l^2: D for an isotropic spectrum, 1 when one direction holds all the variance."""
+    return float(eigs.sum() ** 2 / (eigs ** 2).sum())
+
+
+def waterfill(eigs, bits):
+    """Reverse water-filling of a Gaussian source with variances `eigs` at rate `bits`: the level theta with
+    sum_i max(0, 1/2 log2(l_i / theta)) = bits. Returns (#{l_i > theta}, theta), the number of dimensions that get any
+    bits. Solved exactly: with the k largest active, log2 theta = (sum_{i<k} log2 l_i - 2 bits) / k, and the right k is
+    the one whose theta lies between the k-th and (k+1)-th eigenvalue."""
+    eigs = eigs[eigs > 0].double().sort(descending=True).values
+    log_l = eigs.log2()
+    for k in range(1, len(eigs) + 1):
+        log_theta = (log_l[:k].sum() - 2 * bits) / k
+        if k == len(eigs) or log_theta >= log_l[k]:
+            return k, float(2 ** log_theta)
+    raise ValueError("waterfill needs at least one positive eigenvalue")
+
+
+def codebook_metrics(counts, latents, codebook):
+    """Usage and effective dimension of one codebook. counts (K,), latents (N, D), codebook (K, D)."""
+    K = counts.numel()
+    lat_eigs, cb_eigs = eigenvalues(latents), eigenvalues(codebook)
+    used = int((counts > 0).sum())
+    return {
+        "perplexity": perplexity(counts),
+        "usage": used / K,
+        "dead": K - used,
+        "eff_dim_99_latent": eff_dim(lat_eigs),
+        "eff_dim_99_codebook": eff_dim(cb_eigs),
+        "pr_latent": participation_ratio(lat_eigs),
+        "pr_codebook": participation_ratio(cb_eigs),
+        "waterfill_dim": waterfill(lat_eigs, math.log2(K))[0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation over a split
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000):
+    """Run `model` (in eval mode) over `loader`; returns a flat dict of the metrics in the module docstring, plus the
+    first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use at most
+    `max_latents` vectors per codebook (the first ones seen)."""
+    was_training = model.training
+    model.eval()
+    mse_sum = n_images = 0.0
+    px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
+    per_image_psnr, counts, latents, grid = [], {}, {}, None
+    for i, x in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = x.to(device, non_blocking=True)
+        with autocast or torch.autocast(device.type, enabled=False):
+            x_hat = model(x)[0]
+            views = model.latents(x)  # {name: (codebook (K, D), z (N, D), codes (N,))}
+        mse = per_image_mse(x, x_hat).double()  # (B,)
+        mse_sum, n_images = mse_sum + float(mse.sum()), n_images + x.shape[0]
+        per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
+        x01 = (x.double() + 1) / 2
+        px_sum = x01.sum(0) if px_sum is None else px_sum + x01.sum(0)
+        px_sq_sum = (x01 ** 2).sum(0) if px_sq_sum is None else px_sq_sum + (x01 ** 2).sum(0)
+        for name, (codebook, z, codes) in views.items():
+            c = torch.bincount(codes.flatten(), minlength=codebook.shape[0]).cpu()
+            counts[name] = c if name not in counts else counts[name] + c
+            kept = sum(t.shape[0] for t in latents.get(name, []))
+            latents.setdefault(name, []).append(z[:max(0, max_latents - kept)].float().cpu())
+        if grid is None:
+            grid = (x.cpu(), x_hat.float().cpu())
+    if not n_images:
+        raise ValueError("evaluate: the loader gave no batches")
+    model.train(was_training)
+
+    mse = mse_sum / n_images
+    mean_image_mse = float((px_sq_sum / n_images - (px_sum / n_images) ** 2).mean())
+    out = {"mse": mse, "psnr": psnr(mse), "psnr_per_image": float(torch.cat(per_image_psnr).mean()),
+           "mean_image_psnr": psnr(mean_image_mse), "images": int(n_images)}
+    for name, c in counts.items():
+        codebook = views[name][0].float().cpu()
+        for key, value in codebook_metrics(c, torch.cat(latents[name]), codebook).items():
+            out[f"{name}/{key}"] = value
+    out["_grid"] = grid
+    return out
+
+
+def save_grid(x, x_hat, path, n=8):
+    """A PNG with the first n inputs on the top row and their reconstructions below; images in [-1, 1]."""
+    rows = [x[:n], x_hat[:n]]
+    rows = [((r.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]  # (n, C, H, W)
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (C, 2H, nW)
+    grid = grid.permute(1, 2, 0).numpy()  # (2H, nW, C)
+    if grid.shape[2] == 1:
+        grid = grid[:, :, 0]
+    tmp = path + ".tmp.png"
+    Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
+    os.replace(tmp, path)
+
+
+def format_table(metrics):
+    """Two columns, metric and value, in the order of the dict; private keys (starting with _) left out."""
+    lines = []
+    for key, value in metrics.items():
+        if key.startswith("_"):
+            continue
+        lines.append(f"{key:<28} {value:.6g}" if isinstance(value, float) else f"{key:<28} {value}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading a checkpoint written by train.py
+
+
+def load_model(path, device="cpu"):
+    """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"eval.py: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which file, not a pickle traceback
+        raise SystemExit(f"eval.py: cannot read checkpoint {path}: {err}") from err
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    module = importlib.import_module(ckpt["train_config"]["model"])
+    model = module.Model(module.Config(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def main(argv=None):
+    import data  # here, not at the top: the metric functions above need nothing from data.py
+
+    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    p.add_argument("--data_dir", default=None, help="default: the one the model was trained with")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_batches", type=int, default=None, help="evaluate only this many batches")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="write the metrics here (default: next to the checkpoint)")
+    p.add_argument("--grid", default=None, help="reconstruction grid PNG (default: next to the checkpoint)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, ckpt = load_model(args.ckpt, device)
+    tcfg, mcfg = ckpt["train_config"], ckpt["model_config"]
+    try:
+        dataset = data.get_dataset(tcfg["dataset"], args.split, args.data_dir or tcfg["data_dir"] or None,
+                                   mcfg["image_size"])
+    except data.DataError as err:
+        raise SystemExit(f"eval.py: {err}") from err
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    metrics = evaluate(model, loader, device, max_batches=args.max_batches)
+
+    stem = os.path.splitext(args.ckpt)[0]
+    grid_path = args.grid or f"{stem}_{args.split}_recon.png"
+    json_path = args.json or f"{stem}_{args.split}_metrics.json"
+    save_grid(*metrics.pop("_grid"), grid_path)
+    print(f"{tcfg['model']} on {tcfg['dataset']} ({args.split}, {metrics['images']} images), step {ckpt['step']}")
+    print(format_table(metrics))
+    with open(json_path, "w") as f:
+        json.dump({"checkpoint": args.ckpt, "split": args.split, "step": ckpt["step"], **metrics}, f, indent=2)
+    print(f"wrote {json_path} and {grid_path}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

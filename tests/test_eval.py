@@ -1,0 +1,150 @@
+"""eval.py: every metric against an independent numpy computation on inputs whose answer is known."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+
+
+def data_with_spectrum(eigs, n=2000, seed=0):
+    """Rows whose sample covariance has exactly the eigenvalues `eigs`, in a random rotation."""
+    rng = np.random.default_rng(seed)
+    d = len(eigs)
+    x = rng.standard_normal((n, d))
+    x -= x.mean(0)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    white = u * math.sqrt(n - 1)  # covariance exactly I
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return torch.tensor(white * np.sqrt(eigs) @ q.T)
+
+
+def test_eigenvalues_eff_dim_and_participation_ratio_on_a_known_spectrum():
+    eigs = np.array([50.0, 30.0, 15.0, 3.5, 1.0, 0.5])  # sum 100; cumulative 50, 80, 95, 98.5, 99.5, 100
+    v = data_with_spectrum(eigs)
+    got = ev.eigenvalues(v)
+    np.testing.assert_allclose(got.numpy(), eigs, rtol=1e-9)
+    np.testing.assert_allclose(got.numpy(), np.sort(np.linalg.eigvalsh(np.cov(v.numpy().T)))[::-1], rtol=1e-9)
+    assert ev.eff_dim(got) == 5  # 98.5% < 99% <= 99.5%
+    assert ev.eff_dim(got, 0.9) == 3  # 80% < 90% <= 95%
+    assert ev.participation_ratio(got) == pytest.approx(100 ** 2 / (eigs ** 2).sum())
+    assert ev.participation_ratio(torch.ones(7)) == pytest.approx(7)  # isotropic: all dimensions
+
+
+def test_waterfill_hand_solved_cases():
+    # equal eigenvalues: every dimension active, theta = l * 2^(-2R/d)
+    k, theta = ev.waterfill(torch.full((4,), 3.0), bits=6)
+    assert k == 4 and theta == pytest.approx(3.0 * 2 ** (-2 * 6 / 4))
+    # [16, 4, 1] at 2 bits: theta = 2 (1/2 log2(16/2) + 1/2 log2(4/2) = 1.5 + 0.5 = 2), so two dimensions
+    k, theta = ev.waterfill(torch.tensor([1.0, 16.0, 4.0]), bits=2)
+    assert k == 2 and theta == pytest.approx(2.0)
+    # a tiny rate only reaches the largest
+    assert ev.waterfill(torch.tensor([16.0, 4.0, 1.0]), bits=0.5)[0] == 1
+
+
+def test_waterfill_against_a_numeric_search():
+    rng = np.random.default_rng(1)
+    eigs = np.exp(rng.normal(size=16))
+    for bits in (1, 4, 10, 30):
+        k, theta = ev.waterfill(torch.tensor(eigs), bits)
+        thetas = np.exp(np.linspace(np.log(eigs.min()) - 30, np.log(eigs.max()), 200001))
+        rate = np.maximum(0, 0.5 * np.log2(eigs[None, :] / thetas[:, None])).sum(1)
+        ref = thetas[np.argmin(np.abs(rate - bits))]
+        assert theta == pytest.approx(ref, rel=1e-3)
+        assert k == int((eigs > ref).sum())
+
+
+def test_perplexity_matches_numpy_entropy():
+    counts = torch.tensor([10, 0, 30, 60, 0])
+    p = np.array([10, 30, 60]) / 100
+    assert ev.perplexity(counts) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert ev.perplexity(torch.full((64,), 5)) == pytest.approx(64)
+
+
+def test_mse_and_psnr_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (4, 3, 8, 8))
+    x_hat = x + rng.normal(0, 0.1, x.shape)
+    x_hat[0, 0, 0, 0] = 3.0  # out of range: clamped to 1 before the error is taken
+    mse = ev.per_image_mse(torch.tensor(x), torch.tensor(x_hat)).numpy()
+    x01, xh01 = (x + 1) / 2, np.clip((x_hat + 1) / 2, 0, 1)
+    np.testing.assert_allclose(mse, ((x01 - xh01) ** 2).reshape(4, -1).mean(1), rtol=1e-6)
+    assert ev.psnr(0.01) == pytest.approx(20.0)
+    assert ev.psnr(1e-4) == pytest.approx(40.0)
+
+
+class FixedModel(torch.nn.Module):
+    """A stand-in whose reconstructions and codes are known: x_hat = x + offset per image, code = pixel's image index."""
+
+    def __init__(self, offsets):
+        super().__init__()
+        self.offsets = offsets
+        self.seen = 0  # images seen so far: the next batch takes the next offsets
+        self.codebook = torch.eye(4)
+
+    def forward(self, x):
+        offsets = self.offsets[self.seen:self.seen + x.shape[0]]
+        self.seen += x.shape[0]
+        return x + offsets[:, None, None, None], torch.zeros(()), {}
+
+    def latents(self, x):
+        z = torch.randn(x.shape[0] * 4, 4, generator=torch.Generator().manual_seed(x.shape[0]))
+        codes = torch.arange(x.shape[0] * 4) % 2  # codes 0 and 1 only
+        return {"vq": (self.codebook, z, codes)}
+
+
+def test_evaluate_global_and_per_image_psnr_and_mean_image_baseline():
+    x = torch.zeros(6, 1, 4, 4)
+    x[:3] = 0.5  # two groups of images
+    offsets = torch.tensor([0.02, 0.04, 0.06, 0.08, 0.10, 0.12])
+    loader = [x[:4], x[4:]]
+    out = ev.evaluate(FixedModel(offsets), loader, torch.device("cpu"))
+
+    per_image = (offsets.numpy() / 2) ** 2  # an offset on [-1, 1] is half as big on [0, 1]
+    assert out["mse"] == pytest.approx(per_image.mean())
+    assert out["psnr"] == pytest.approx(10 * np.log10(1 / per_image.mean()))
+    assert out["psnr_per_image"] == pytest.approx(np.mean(10 * np.log10(1 / per_image)))
+    x01 = (x.numpy() + 1) / 2
+    assert out["mean_image_psnr"] == pytest.approx(10 * np.log10(1 / ((x01 - x01.mean(0)) ** 2).mean()))
+    assert out["vq/perplexity"] == pytest.approx(2.0)  # codes 0 and 1 equally often
+    assert out["vq/usage"] == 0.5 and out["vq/dead"] == 2
+    assert out["images"] == 6
+
+
+def test_save_grid_writes_inputs_above_reconstructions(tmp_path):
+    x = -torch.ones(2, 3, 4, 4)
+    x_hat = torch.ones(2, 3, 4, 4)
+    path = str(tmp_path / "grid.png")
+    ev.save_grid(x, x_hat, path)
+    img = np.array(Image.open(path))
+    assert img.shape == (8, 8, 3)
+    assert (img[:4] == 0).all() and (img[4:] == 255).all()
+
+
+def test_load_model_refuses_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        ev.load_model(str(tmp_path / "none.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="bad.pt"):
+        ev.load_model(str(bad))
+
+
+def test_eval_cli_on_a_trained_checkpoint(tmp_path):
+    import train
+    out = tmp_path / "run"
+    train.main(["--max_iters", "4", "--batch_size", "8", "--hidden", "16", "--codebook_size", "16",
+                "--eval_batches", "1", "--out_dir", str(out)])
+    json_path = tmp_path / "m.json"
+    metrics = ev.main(["--ckpt", str(out / "ckpt.pt"), "--max_batches", "2", "--batch_size", "8",
+                       "--json", str(json_path), "--grid", str(tmp_path / "g.png")])
+    saved = json.loads(json_path.read_text())
+    assert saved["step"] == 4 and saved["images"] == 16
+    for key in ("mse", "psnr", "psnr_per_image", "mean_image_psnr", "vq/perplexity", "vq/usage", "vq/dead",
+                "vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim"):
+        assert key in saved and saved[key] == pytest.approx(metrics[key])
+    assert Image.open(tmp_path / "g.png").size == (8 * 32, 2 * 32)

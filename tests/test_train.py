@@ -1,0 +1,242 @@
+"""train.py: configuration, the model protocol, checkpoints, signals, non-finite losses, AMP and torchrun."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import vqvae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden", "16", "--res_hidden", "8", "--res_blocks", "1", "--codebook_size", "16", "--batch_size", "8",
+        "--eval_batches", "1", "--eval_interval", "1000", "--ckpt_interval", "1000"]
+
+
+def read_log(out_dir, split="train"):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+# -- configuration ----------------------------------------------------------------------------------------------------
+
+def test_both_argument_forms_bare_flags_and_types():
+    tcfg, mcfg, module, _ = train.resolve_config(["--lr=0.01", "--max_iters", "5", "--compile", "--ema", "false",
+                                                  "--codebook-size", "64", "--beta", "-0.5"])
+    assert module is vqvae
+    assert tcfg.lr == 0.01 and tcfg.max_iters == 5 and tcfg.compile is True
+    assert mcfg.ema is False and mcfg.codebook_size == 64 and mcfg.beta == -0.5
+    assert tcfg.out_dir == os.path.join("out", "vqvae_shapes")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--codebok_size", "64"], "unknown setting --codebok_size (did you mean --codebook_size?)"),
+    (["--lr", "fast"], "--lr expects float, got 'fast'"),
+    (["--max_iters", "1.5"], "--max_iters expects int"),
+    (["--ema", "maybe"], "--ema expects true or false"),
+    (["--lr"], "--lr needs a value"),
+    (["lr", "1"], "expected --key value"),
+    (["--model", "nosuchmodel"], "unknown --model 'nosuchmodel'"),
+    (["--dataset", "nosuchdata"], "unknown --dataset 'nosuchdata'"),
+    (["--dtype", "float8"], "--dtype must be"),
+])
+def test_bad_command_lines_are_refused_clearly(argv, message):
+    with pytest.raises(SystemExit) as err:
+        train.resolve_config(argv)
+    assert message in str(err.value)
+
+
+def test_dataset_fills_image_settings_and_presets_sit_below_the_command_line():
+    tcfg, mcfg, _, _ = train.resolve_config(["--dataset", "mnist"])
+    assert (mcfg.in_channels, mcfg.image_size) == (1, 28)  # from data.DATASETS
+    preset = vqvae.PRESETS["mnist"]
+    assert mcfg.codebook_size == preset["codebook_size"] and tcfg.batch_size == preset["batch_size"]
+    tcfg, mcfg, _, cli = train.resolve_config(["--dataset", "mnist", "--codebook_size", "99", "--batch_size", "3"])
+    assert mcfg.codebook_size == 99 and tcfg.batch_size == 3 and cli == {"codebook_size": 99}
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig(lr=1.0, max_iters=110, warmup_iters=10, min_lr_ratio=0.1)
+    assert train.lr_at(0, cfg) == pytest.approx(0.1) and train.lr_at(9, cfg) == pytest.approx(1.0)
+    assert train.lr_at(10, cfg) == pytest.approx(1.0)
+    assert train.lr_at(60, cfg) == pytest.approx(0.55)  # half way down the cosine
+    assert train.lr_at(110, cfg) == pytest.approx(0.1)
+    exp = train.TrainConfig(lr=1e-3, lr_schedule="exp", lr_decay_iters=25000)
+    assert train.lr_at(25000, exp) == pytest.approx(1e-3 * math.exp(-1))
+    assert train.lr_at(123, train.TrainConfig(lr=0.5, lr_schedule="constant")) == 0.5
+
+
+# -- the model protocol: set_step and an aux part with its own optimizer -------------------------------------------
+
+TOY_MODEL = '''
+from dataclasses import dataclass
+import torch
+import torch.nn as nn
+
+@dataclass
+class Config:
+    image_size: int = 32
+    in_channels: int = 3
+    target: float = 3.0
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.scale = nn.Parameter(torch.tensor(0.2))
+        self.critic = nn.Linear(1, 1, bias=False)  # the aux part
+        self.register_buffer("last_step", torch.tensor(-1))
+        self.steps = []
+
+    def forward(self, x):
+        x_hat = self.scale * x
+        recon = ((x_hat - x) ** 2).mean()
+        # the main loss reaches the critic's weight too, as a GAN's generator loss reaches its discriminator; were
+        # the critic in the main optimizer, or its gradient left over for the aux step, this term would drag its
+        # weight away from the aux loss's target
+        loss = recon + 10 * self.critic(x_hat.detach().mean().reshape(1, 1)).sum()
+        return x_hat, loss, {"recon": recon.detach()}
+
+    def set_step(self, step):
+        self.steps.append(step)
+        self.last_step.fill_(step)
+
+    def aux_module(self):
+        return self.critic
+
+    def aux_loss(self, x, x_hat):
+        w = self.critic.weight.squeeze()
+        return (w - self.cfg.target) ** 2, {"w": w.detach()}
+
+    def latents(self, x):
+        z = x.flatten(1)[:, :2]
+        return {"id": (torch.eye(2), z, torch.zeros(len(z), dtype=torch.long))}
+'''
+
+
+def test_set_step_and_aux_optimizer_protocol(tmp_path, monkeypatch):
+    (tmp_path / "toy_aux.py").write_text(TOY_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = str(tmp_path / "run")
+    args = ["--model", "toy_aux", "--lr", "0.05", "--lr_schedule", "constant", "--grad_clip", "0", "--batch_size", "4",
+            "--eval_batches", "1", "--out_dir", out, "--log_interval", "10"]
+    stats = train.main(args + ["--max_iters", "150"])
+    assert stats["aux_w"] == pytest.approx(3.0, abs=0.02)  # the aux optimizer minimised the aux loss alone
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model"]["scale"] == pytest.approx(1.0, abs=0.05)  # the main optimizer trained the main part
+    assert len(ckpt["optimizers"]) == 2 and int(ckpt["model"]["last_step"]) == 149
+    train.main(args + ["--max_iters", "153", "--resume"])
+    assert [r["step"] for r in read_log(out)][-2:] == [150, 153]
+    assert int(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]["last_step"]) == 152
+
+
+# -- checkpoints, signals, non-finite losses ---------------------------------------------------------------------------
+
+def start(args, out_dir):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--out_dir", out_dir, *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(out_dir, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if len(read_log(out_dir)) >= n:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {n} steps logged in {timeout} s")
+
+
+def test_sigterm_saves_and_resume_continues_from_the_saved_step(tmp_path):
+    out = str(tmp_path / "run")
+    proc = start(["--max_iters", "100000", "--log_interval", "1"], out)
+    wait_for_steps(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    step = saved["step"]
+    assert step == read_log(out)[-1]["step"] >= 5 and "stopped by signal" in output
+
+    resumed = subprocess.run([sys.executable, "train.py", *TINY, "--out_dir", out, "--resume",
+                              "--max_iters", str(step + 3), "--log_interval", "1"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"from step {step}" in resumed.stdout
+    steps = [r["step"] for r in read_log(out)]
+    assert steps[-3:] == [step + 1, step + 2, step + 3] and steps.count(step + 1) == 1
+    final = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert final["step"] == step + 3
+
+
+def test_sigkill_while_training_leaves_a_checkpoint_that_loads(tmp_path):
+    out = str(tmp_path / "run")
+    proc = start(["--max_iters", "100000", "--log_interval", "1", "--ckpt_interval", "1"], out)
+    wait_for_steps(out, 20, proc)  # a checkpoint is being written at every step
+    proc.kill()
+    proc.communicate(timeout=60)
+    import eval as ev
+    model, ckpt = ev.load_model(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] >= 19 and isinstance(model, vqvae.Model)
+
+
+def test_resume_refuses_a_different_architecture(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "2"])
+    with pytest.raises(SystemExit, match="--codebook_size 32 differs from the checkpoint's 16"):
+        train.main([*TINY, "--out_dir", out, "--max_iters", "4", "--resume", "--codebook_size", "32"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main([*TINY, "--out_dir", str(tmp_path / "empty"), "--resume"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward, calls = vqvae.Model.forward, []
+
+    def poisoned(self, x):  # the 8th training forward returns a NaN loss
+        x_hat, loss, stats = forward(self, x)
+        calls.append(1)
+        return x_hat, loss * (float("nan") if len(calls) == 8 else 1.0), stats
+
+    monkeypatch.setattr(vqvae.Model, "forward", poisoned)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="step 8: the loss is not finite.*last good checkpoint"):
+        train.main([*TINY, "--out_dir", out, "--max_iters", "50", "--ckpt_interval", "5", "--log_interval", "1"])
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# -- mixed precision, accumulation and torchrun -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_amp_runs_and_learns(tmp_path, dtype):
+    out = str(tmp_path / dtype)
+    train.main([*TINY, "--out_dir", out, "--max_iters", "60", "--dtype", dtype, "--grad_accum", "2",
+                "--log_interval", "10", "--lr", "2e-3", "--hidden", "32", "--res_hidden", "16", "--batch_size", "16",
+                "--codebook_size", "32"])
+    log = read_log(out)
+    assert log[-1]["recon"] < 0.8 * log[0]["recon"]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert len(ckpt["scalers"]) == 1
+    assert ckpt["model"]["quantizer.codebook"].dtype == torch.float32  # the fp32 island keeps its buffers fp32
+
+
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    out = str(tmp_path / "ddp")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *TINY, "--out_dir", out, "--max_iters", "12", "--log_interval", "4",
+                             "--grad_accum", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [r["step"] for r in read_log(out)] == [4, 8, 12]  # one writer: rank 0
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12

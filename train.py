@@ -1,0 +1,533 @@
+"""
+One plain training loop for every model in this repository.
+
+  python train.py                                               # vqvae on the embedded `shapes` data, CPU or GPU
+  python train.py --model vqvae --dataset mnist --data_dir data/mnist --codebook_size 1024
+  torchrun --nproc_per_node=8 train.py --model pqvae --dataset celeba --data_dir data/celeba
+  python train.py --resume --out_dir out/vqvae_shapes           # continue the last checkpoint
+
+Settings are the fields of TrainConfig below and of the chosen model's Config, given as `--key value` or
+`--key=value` (a bare `--flag` sets a bool to true). Each value is resolved in this order, later winning:
+  the dataclass default  <  data.DATASETS (image_size, in_channels)  <  the model's PRESETS[dataset]  <  command line
+The resolved config is printed and saved in every checkpoint.
+
+The model protocol. train.py knows no model by name: it imports <model>.py and uses
+  Config                      a dataclass of hyperparameters, with `image_size` and `in_channels` among them;
+  Model(cfg)                  forward(x) -> (x_hat, loss, stats): x in [-1, 1] (B, C, H, W), loss the scalar to
+                              back-propagate, stats a flat dict of scalar tensors, `recon` (MSE in [-1, 1]) among them;
+                              encode / decode / latents for eval.py;
+  PRESETS (optional)          {dataset: {key: value}}, keys from Config or TrainConfig.
+and, when the Model has them, these hooks:
+  set_step(step)              called before every optimizer step with the step about to run (0-based), on every rank:
+                              temperature schedules, a warm-up phase switch. State it changes that must survive a
+                              resume belongs in a buffer, saved with the model.
+  aux_module() -> nn.Module   a part of the model trained by its own optimizer and loss (a GAN discriminator). Its
+                              parameters are left out of the main optimizer and of DDP's gradient sync; train.py gives
+                              them an AdamW with the same lr, betas and schedule, and averages their gradients over
+                              ranks itself.
+  aux_loss(x, x_hat) -> (loss, stats)
+                              the aux part's loss, called after the main step on the same batch with x_hat detached;
+                              its stats are logged with an `aux_` prefix.
+
+Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
+written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind. A non-finite loss
+stops the run with a message and leaves the last good checkpoint untouched. SIGINT or SIGTERM finish the current
+step, save and exit (a second Ctrl-C quits at once).
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import importlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class TrainConfig:
+    model: str = "vqvae"  # a <model>.py next to this file
+    dataset: str = "shapes"  # one of data.DATASETS
+    data_dir: str = ""  # where the dataset lives (not needed for shapes)
+    download: bool = False  # fetch mnist / fashion_mnist / cifar10 into data_dir first
+    out_dir: str = ""  # default: out/<model>_<dataset>
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    # optimisation
+    batch_size: int = 64  # per rank and per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    lr: float = 3e-4
+    lr_schedule: str = "cosine"  # "cosine" (after warm-up, down to lr * min_lr_ratio) | "exp" | "constant"
+    warmup_iters: int = 0  # linear warm-up steps
+    min_lr_ratio: float = 0.1
+    lr_decay_iters: int = 25000  # "exp": lr * exp(-step / lr_decay_iters) (PQ-VAE)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    # system
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bfloat16 on a GPU that has it, else float32) | "float32" | "bfloat16" | "float16"
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 0  # DataLoader workers per rank
+    seed: int = 0
+    # logging, validation, checkpoints
+    log_interval: int = 50  # steps between log lines (and the non-finite-loss check)
+    eval_interval: int = 500  # steps between validations (and reconstruction grids)
+    eval_batches: int = 20  # validation batches
+    ckpt_interval: int = 500  # steps between checkpoints
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line and configuration
+
+
+def parse_argv(argv):
+    """['--a', '1', '--b=2', '--flag'] -> {'a': '1', 'b': '2', 'flag': None}"""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise SystemExit(f"train.py: expected --key value or --key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else None
+            i += has_value
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def convert(key, raw, typ):
+    """Turn the command-line string `raw` into `typ` (bool, int, float, str, or list[...]), or refuse clearly."""
+    if typ is bool:
+        if raw is None:  # a bare --flag
+            return True
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise SystemExit(f"train.py: --{key} expects true or false, got {raw!r}")
+    if raw is None:
+        raise SystemExit(f"train.py: --{key} needs a value")
+    if typing.get_origin(typ) in (list, tuple):  # comma-separated, e.g. --probs 0,0.2,0.3
+        (item,) = set(typing.get_args(typ)) - {Ellipsis}
+        return typing.get_origin(typ)(convert(key, r, item) for r in raw.split(",") if r.strip())
+    try:
+        return typ(raw)
+    except ValueError:
+        raise SystemExit(f"train.py: --{key} expects {typ.__name__}, got {raw!r}") from None
+
+
+def field_types(cls):
+    return typing.get_type_hints(cls)
+
+
+def import_model(name):
+    """Import <name>.py from this directory (or sys.path) and check it has Config and Model."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        models = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f[:-3] not in
+                        ("train", "eval", "data", "bench", "setup", "conftest"))
+        raise SystemExit(f"train.py: unknown --model {name!r}: no {name}.py (models here: {', '.join(models)})")
+    for attr in ("Config", "Model"):
+        if not hasattr(module, attr):
+            raise SystemExit(f"train.py: {name}.py has no {attr}: it is not a model file")
+    return module
+
+
+def resolve_config(argv):
+    """Command line -> (TrainConfig, model Config, model module, the model keys the command line set)."""
+    args = parse_argv(argv)
+    train_types = field_types(TrainConfig)
+    tcfg = TrainConfig(**{k: convert(k, args[k], train_types[k]) for k in ("model", "dataset") if k in args})
+    module = import_model(tcfg.model)
+    model_types = field_types(module.Config)
+    clash = set(train_types) & set(model_types)
+    assert not clash, f"{tcfg.model}.Config reuses train.py setting names: {clash}"
+
+    unknown = set(args) - set(train_types) - set(model_types)
+    if unknown:
+        key = sorted(unknown)[0]
+        hint = difflib.get_close_matches(key, list(train_types) + list(model_types), n=1)
+        raise SystemExit(f"train.py: unknown setting --{key}" + (f" (did you mean --{hint[0]}?)" if hint else "")
+                         + f"; settings are TrainConfig's and {tcfg.model}.Config's fields")
+    if tcfg.dataset not in data.DATASETS:
+        raise SystemExit(f"train.py: unknown --dataset {tcfg.dataset!r}; choose from {', '.join(data.DATASETS)}")
+
+    channels, image_size = data.DATASETS[tcfg.dataset]
+    values = {k: v for k, v in (("in_channels", channels), ("image_size", image_size)) if k in model_types}
+    preset = getattr(module, "PRESETS", {}).get(tcfg.dataset, {})
+    bad = set(preset) - set(train_types) - set(model_types)
+    assert not bad, f"{tcfg.model}.PRESETS[{tcfg.dataset!r}] has unknown keys {bad}"
+    values.update(preset)
+    cli = {k: convert(k, v, train_types.get(k) or model_types[k]) for k, v in args.items()}
+    values.update(cli)
+    tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_types})
+    mcfg = module.Config(**{k: v for k, v in values.items() if k in model_types})
+    if not tcfg.out_dir:
+        tcfg.out_dir = os.path.join("out", f"{tcfg.model}_{tcfg.dataset}")
+    check(tcfg)
+    return tcfg, mcfg, module, {k: v for k, v in cli.items() if k in model_types}
+
+
+def check(tcfg):
+    """Refuse settings that cannot work, before any work is done."""
+    rules = [
+        (tcfg.lr_schedule in ("cosine", "exp", "constant"), "--lr_schedule must be cosine, exp or constant"),
+        (tcfg.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
+        (tcfg.batch_size >= 1 and tcfg.grad_accum >= 1, "--batch_size and --grad_accum must be at least 1"),
+        (tcfg.max_iters >= 0, "--max_iters must be at least 0"),
+        (min(tcfg.log_interval, tcfg.eval_interval, tcfg.ckpt_interval) >= 1, "intervals must be at least 1"),
+        (tcfg.lr > 0, "--lr must be positive"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise SystemExit(f"train.py: {message}")
+
+
+def lr_at(step, tcfg):
+    """Learning rate for the optimizer step `step` (0-based)."""
+    if step < tcfg.warmup_iters:
+        return tcfg.lr * (step + 1) / tcfg.warmup_iters
+    if tcfg.lr_schedule == "exp":  # PQ-VAE: lr * exp(-step / 25000)
+        return tcfg.lr * math.exp(-step / tcfg.lr_decay_iters)
+    if tcfg.lr_schedule == "cosine":
+        progress = (step - tcfg.warmup_iters) / max(1, tcfg.max_iters - tcfg.warmup_iters)
+        ratio = tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return tcfg.lr * ratio
+    return tcfg.lr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush it to disk, then rename over `path`: a crash at any point leaves either the
+    old checkpoint or the new one, never a partial file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        raise SystemExit(f"train.py: --resume: no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise SystemExit(f"train.py: --resume: cannot read checkpoint {path}: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+def setup_device(tcfg):
+    """Returns (device, rank, world_size). Starts a process group when launched by torchrun."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    name = tcfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp and name == "cuda":
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def amp_dtype(tcfg, device):
+    if tcfg.dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, tcfg.dtype)
+
+
+def average_gradients(params, world):
+    """All-reduce and average the gradients of parameters that DDP does not sync (the aux part)."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_loaders(tcfg, mcfg, device, world):
+    image_size = getattr(mcfg, "image_size", None)
+    data_dir = tcfg.data_dir or None
+    try:
+        if tcfg.download:
+            data.download(tcfg.dataset, tcfg.data_dir)
+        train_set = data.get_dataset(tcfg.dataset, "train", data_dir, image_size)
+        val_set = data.get_dataset(tcfg.dataset, "val", data_dir, image_size)
+    except data.DataError as err:
+        raise SystemExit(f"train.py: {err}") from err
+    if len(train_set) < tcfg.batch_size * world:
+        raise SystemExit(f"train.py: the {tcfg.dataset} train split has {len(train_set)} images, fewer than one "
+                         f"batch ({tcfg.batch_size} x {world} ranks)")
+    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=tcfg.seed, drop_last=True) \
+        if world > 1 else None
+    generator = torch.Generator()  # reseeded every epoch, so the order of epoch e is the same after a resume
+    common = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=tcfg.num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                                               generator=generator, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
+    return train_loader, val_loader, sampler, generator
+
+
+def batches(loader, sampler, generator, seed, epoch):
+    """Endless stream of batches, starting at `epoch`."""
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        generator.manual_seed(seed + epoch)
+        yield from loader
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits. A second SIGINT quits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    tcfg, mcfg, module, model_cli = resolve_config(argv)
+    device, rank, world = setup_device(tcfg)
+    master = rank == 0
+    ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
+
+    ckpt = None
+    if tcfg.resume:
+        ckpt = load_checkpoint(ckpt_path, device)
+        saved = ckpt["model_config"]
+        for key, value in model_cli.items():  # the architecture comes from the checkpoint
+            if saved.get(key) != value:
+                raise SystemExit(f"train.py: --resume: --{key} {value} differs from the checkpoint's {saved.get(key)}")
+        mcfg = module.Config(**saved)
+
+    torch.manual_seed(tcfg.seed)  # the same on every rank: identical initial weights
+    model = module.Model(mcfg).to(device)
+    raw_model = model  # the unwrapped model: hooks, checkpoints, validation
+    aux = raw_model.aux_module() if hasattr(raw_model, "aux_module") else None
+    aux_ids = {id(p) for p in aux.parameters()} if aux is not None else set()
+    main_params = [p for p in raw_model.parameters() if p.requires_grad and id(p) not in aux_ids]
+
+    dtype = amp_dtype(tcfg, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    adam = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay)
+    optimizers = [torch.optim.AdamW(main_params, **adam)]
+    if aux is not None:
+        optimizers.append(torch.optim.AdamW(aux.parameters(), **adam))
+    scalers = [torch.amp.GradScaler(device.type, enabled=dtype == torch.float16) for _ in optimizers]
+
+    step = 0
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        for scaler, state in zip(scalers, ckpt["scalers"]):
+            scaler.load_state_dict(state)
+        step = ckpt["step"]
+    # Each rank draws its own noise (dropout, Gumbel); rank 0 continues its saved stream after a resume.
+    if ckpt is not None and master:
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if device.type == "cuda" and len(ckpt["rng"]["cuda"]):
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    else:
+        torch.manual_seed(tcfg.seed + rank + 7919 * step)
+
+    if tcfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        # The quantizers keep their buffers equal across ranks themselves, so DDP need not broadcast them.
+        names = [n for n, p in raw_model.named_parameters() if id(p) in aux_ids]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, names)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+    train_loader, val_loader, sampler, generator = make_loaders(tcfg, mcfg, device, world)
+    steps_per_epoch = max(1, len(train_loader) // tcfg.grad_accum)
+    # After a resume the epoch in progress restarts from its beginning (its order is the same: seeded by epoch).
+    stream = batches(train_loader, sampler, generator, tcfg.seed, step // steps_per_epoch)
+
+    config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
+    if master:
+        os.makedirs(tcfg.out_dir, exist_ok=True)
+        print(f"{tcfg.model} on {tcfg.dataset}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
+              f"{device}, {world} rank(s), {str(dtype).replace('torch.', '')}, from step {step}")
+        print(json.dumps(config, indent=1))
+    log_file = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") if master else None
+
+    def log(record):
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def checkpoint():
+        if master:
+            save_checkpoint({
+                "model": raw_model.state_dict(),
+                "optimizers": [o.state_dict() for o in optimizers],
+                "scalers": [s.state_dict() for s in scalers],
+                "step": step,
+                "train_config": config["train"],
+                "model_config": config["model"],
+                "rng": {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else torch.empty(0)},
+            }, ckpt_path)
+
+    def validate():
+        metrics = evaluation.evaluate(raw_model, val_loader, device, autocast, max_batches=tcfg.eval_batches)
+        evaluation.save_grid(*metrics.pop("_grid"), os.path.join(tcfg.out_dir, f"recon_{step:06d}.png"))
+        log({"step": step, "split": "val", **metrics})
+        ppl = "  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.endswith(("perplexity", "usage")))
+        tqdm.write(f"step {step}: val psnr {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f})"
+                   f"  {ppl}")
+
+    stop = StopRequest()
+    bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # checked at log steps: no host sync every step
+    bar = tqdm(total=tcfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+    last_stats, t0 = {}, time.time()
+    try:
+        while step < tcfg.max_iters:
+            lr = lr_at(step, tcfg)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            if hasattr(raw_model, "set_step"):
+                raw_model.set_step(step)
+
+            for micro in range(tcfg.grad_accum):
+                x = next(stream).to(device, non_blocking=True)
+                last = micro == tcfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last or world == 1 else model.no_sync()
+                with sync:
+                    with autocast:
+                        x_hat, loss, stats = model(x)
+                    scalers[0].scale(loss / tcfg.grad_accum).backward()
+                bad_loss |= ~torch.isfinite(loss.detach())
+            step_optimizer(optimizers[0], scalers[0], main_params, tcfg.grad_clip)
+
+            if aux is not None:
+                optimizers[1].zero_grad(set_to_none=True)  # drop what the main loss's backward left on the aux part
+                with autocast:
+                    aux_loss, aux_stats = raw_model.aux_loss(x, x_hat.detach())
+                scalers[1].scale(aux_loss).backward()
+                if world > 1:
+                    average_gradients(aux.parameters(), world)
+                step_optimizer(optimizers[1], scalers[1], list(aux.parameters()), tcfg.grad_clip)
+                stats = {**stats, "aux_loss": aux_loss.detach(), **{f"aux_{k}": v for k, v in aux_stats.items()}}
+                bad_loss |= ~torch.isfinite(aux_loss.detach())
+            step += 1
+            bar.update(1)
+
+            done = step == tcfg.max_iters
+            if step % tcfg.log_interval == 0 or done:
+                if bad_loss:  # all ranks see the same: the gradients of a non-finite loss reach every rank
+                    raise NonFiniteLoss(f"step {step}: the loss is not finite ({float(loss.detach())})")
+                last_stats = {k: float(v) for k, v in stats.items()}
+                record = {"step": step, "split": "train", "loss": float(loss.detach()), "lr": lr,
+                          "psnr": evaluation.psnr(last_stats["recon"] / 4),  # recon is MSE on [-1, 1]: /4 for [0, 1]
+                          "time": round(time.time() - t0, 2), **last_stats}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
+                                ppl=f"{last_stats.get('perplexity', float('nan')):.1f}")
+            if master and (step % tcfg.eval_interval == 0 or done):
+                validate()
+            stop_now = stop_requested(stop, device, world)
+            if step % tcfg.ckpt_interval == 0 or done or stop_now:
+                if bad_loss:
+                    raise NonFiniteLoss(f"step {step}: the loss is not finite")
+                checkpoint()
+            if stop_now:
+                if master:
+                    tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
+                break
+    except NonFiniteLoss as err:
+        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
+                         f"bfloat16/float32 instead of float16.") from None
+    finally:
+        bar.close()
+        stop.restore()
+        if log_file:
+            log_file.close()
+        if world > 1:
+            dist.destroy_process_group()
+    return last_stats
+
+
+def stop_requested(stop, device, world):
+    """Every rank must stop at the same step, or one would wait forever in a collective: agree on the flag."""
+    if world == 1:
+        return stop.requested
+    flag = torch.tensor(float(stop.requested), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def step_optimizer(opt, scaler, params, grad_clip):
+    if grad_clip > 0:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+if __name__ == "__main__":
+    main()
