@@ -371,6 +371,8 @@ def fetch(url, path, md5):
         if not checksum_ok(partial, md5):
             raise DataError(f"{url}: downloaded file does not match md5 {md5}")
         os.replace(partial, path)
+    except OSError as err:  # URLError, timeouts, a full disk
+        raise DataError(f"{url}: download to {path} failed: {err}") from err
     finally:
         partial.unlink(missing_ok=True)
 

@@ -4,7 +4,7 @@ One plain training loop for every model in this repository.
   python train.py                                               # vqvae on the embedded `shapes` data, CPU or GPU
   python train.py --model vqvae --dataset mnist --data_dir data/mnist --codebook_size 1024
   torchrun --nproc_per_node=8 train.py --model pqvae --dataset celeba --data_dir data/celeba
-  python train.py --resume --out_dir out/vqvae_shapes           # continue the last checkpoint
+  python train.py --resume --out_dir out/vqvae_shapes --max_iters 4000   # continue that run, longer
 
 Settings are the fields of TrainConfig below and of the chosen model's Config, given as `--key value` or
 `--key=value` (a bare `--flag` sets a bool to true). Each value is resolved in this order, later winning:
@@ -162,10 +162,21 @@ def import_model(name):
 
 
 def resolve_config(argv):
-    """Command line -> (TrainConfig, model Config, model module, the model keys the command line set)."""
+    """Command line -> (TrainConfig, model Config, model module, checkpoint or None).
+
+    With --resume, the run's saved config takes the place of the defaults and presets: `python train.py --resume
+    --out_dir DIR` continues DIR's run as it was, and the command line may change the training settings (more
+    steps, another lr) but not the model."""
     args = parse_argv(argv)
     train_types = field_types(TrainConfig)
-    tcfg = TrainConfig(**{k: convert(k, args[k], train_types[k]) for k in ("model", "dataset") if k in args})
+    early = {k: convert(k, args[k], train_types[k]) for k in ("model", "dataset", "out_dir", "resume") if k in args}
+    tcfg = TrainConfig(**early)
+    ckpt = None
+    if tcfg.resume:
+        ckpt = load_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
+        if early.get("model", ckpt["train_config"]["model"]) != ckpt["train_config"]["model"]:
+            raise SystemExit(f"train.py: --resume: the checkpoint is a {ckpt['train_config']['model']} model")
+        tcfg = TrainConfig(**{**ckpt["train_config"], **early})
     module = import_model(tcfg.model)
     model_types = field_types(module.Config)
     clash = set(train_types) & set(model_types)
@@ -179,21 +190,30 @@ def resolve_config(argv):
                          + f"; settings are TrainConfig's and {tcfg.model}.Config's fields")
     if tcfg.dataset not in data.DATASETS:
         raise SystemExit(f"train.py: unknown --dataset {tcfg.dataset!r}; choose from {', '.join(data.DATASETS)}")
-
-    channels, image_size = data.DATASETS[tcfg.dataset]
-    values = {k: v for k, v in (("in_channels", channels), ("image_size", image_size)) if k in model_types}
-    preset = getattr(module, "PRESETS", {}).get(tcfg.dataset, {})
-    bad = set(preset) - set(train_types) - set(model_types)
-    assert not bad, f"{tcfg.model}.PRESETS[{tcfg.dataset!r}] has unknown keys {bad}"
-    values.update(preset)
     cli = {k: convert(k, v, train_types.get(k) or model_types[k]) for k, v in args.items()}
+
+    if ckpt is not None:
+        values = {**ckpt["train_config"], **ckpt["model_config"]}
+        for key, value in cli.items():  # the architecture comes from the checkpoint
+            if key in model_types and value != values.get(key):
+                raise SystemExit(f"train.py: --resume: --{key} {value} differs from the checkpoint's {values.get(key)}")
+    else:
+        channels, image_size = data.DATASETS[tcfg.dataset]
+        values = {k: v for k, v in (("in_channels", channels), ("image_size", image_size)) if k in model_types}
+        preset = getattr(module, "PRESETS", {}).get(tcfg.dataset, {})
+        bad = set(preset) - set(train_types) - set(model_types)
+        assert not bad, f"{tcfg.model}.PRESETS[{tcfg.dataset!r}] has unknown keys {bad}"
+        values.update(preset)
     values.update(cli)
     tcfg = TrainConfig(**{k: v for k, v in values.items() if k in train_types})
     mcfg = module.Config(**{k: v for k, v in values.items() if k in model_types})
-    if not tcfg.out_dir:
-        tcfg.out_dir = os.path.join("out", f"{tcfg.model}_{tcfg.dataset}")
+    tcfg.out_dir = tcfg.out_dir or default_out_dir(tcfg)
     check(tcfg)
-    return tcfg, mcfg, module, {k: v for k, v in cli.items() if k in model_types}
+    return tcfg, mcfg, module, ckpt
+
+
+def default_out_dir(tcfg):
+    return os.path.join("out", f"{tcfg.model}_{tcfg.dataset}")
 
 
 def check(tcfg):
@@ -239,11 +259,12 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path):
+    """Loaded on the CPU; load_state_dict moves each tensor to where its model or optimizer lives."""
     if not os.path.isfile(path):
         raise SystemExit(f"train.py: --resume: no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise SystemExit(f"train.py: --resume: cannot read checkpoint {path}: {err}") from err
 
@@ -346,19 +367,10 @@ class StopRequest:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    tcfg, mcfg, module, model_cli = resolve_config(argv)
+    tcfg, mcfg, module, ckpt = resolve_config(argv)
     device, rank, world = setup_device(tcfg)
     master = rank == 0
     ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
-
-    ckpt = None
-    if tcfg.resume:
-        ckpt = load_checkpoint(ckpt_path, device)
-        saved = ckpt["model_config"]
-        for key, value in model_cli.items():  # the architecture comes from the checkpoint
-            if saved.get(key) != value:
-                raise SystemExit(f"train.py: --resume: --{key} {value} differs from the checkpoint's {saved.get(key)}")
-        mcfg = module.Config(**saved)
 
     torch.manual_seed(tcfg.seed)  # the same on every rank: identical initial weights
     model = module.Model(mcfg).to(device)
