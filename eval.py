@@ -118,7 +118,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     model.eval()
     mse_sum = n_images = 0.0
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
-    per_image_psnr, counts, latents, grid = [], {}, {}, None
+    per_image_psnr, counts, latents, codebooks, grid = [], {}, {}, {}, None
     for i, x in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -133,6 +133,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
         px_sum = x01.sum(0) if px_sum is None else px_sum + x01.sum(0)
         px_sq_sum = (x01 ** 2).sum(0) if px_sq_sum is None else px_sq_sum + (x01 ** 2).sum(0)
         for name, (codebook, z, codes) in views.items():
+            codebooks[name] = codebook.float().cpu()
             c = torch.bincount(codes.flatten(), minlength=codebook.shape[0]).cpu()
             counts[name] = c if name not in counts else counts[name] + c
             kept = sum(t.shape[0] for t in latents.get(name, []))
@@ -148,8 +149,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     out = {"mse": mse, "psnr": psnr(mse), "psnr_per_image": float(torch.cat(per_image_psnr).mean()),
            "mean_image_psnr": psnr(mean_image_mse), "images": int(n_images)}
     for name, c in counts.items():
-        codebook = views[name][0].float().cpu()
-        for key, value in codebook_metrics(c, torch.cat(latents[name]), codebook).items():
+        for key, value in codebook_metrics(c, torch.cat(latents[name]), codebooks[name]).items():
             out[f"{name}/{key}"] = value
     out["_grid"] = grid
     return out

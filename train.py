@@ -46,6 +46,7 @@ import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -406,10 +407,15 @@ def main(argv=None):
     if tcfg.compile:
         model = torch.compile(model)
     if world > 1:
-        # The quantizers keep their buffers equal across ranks themselves, so DDP need not broadcast them.
+        # The quantizers keep their buffers equal across ranks themselves: DDP need not sync them at every forward.
+        # Gradients as views into DDP's buckets save a copy, whatever memory layout a convolution gives them.
+        # (A 1x1 convolution's first gradient differs from its bucket view only in the strides of size-1 dims: the
+        # warning about it is harmless, and after the first step gradients accumulate in the views directly.)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         names = [n for n, p in raw_model.named_parameters() if id(p) in aux_ids]
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
+                    gradient_as_bucket_view=True)
 
     train_loader, val_loader, sampler, generator = make_loaders(tcfg, mcfg, device, world)
     steps_per_epoch = max(1, len(train_loader) // tcfg.grad_accum)
@@ -446,7 +452,7 @@ def main(argv=None):
         metrics = evaluation.evaluate(raw_model, val_loader, device, autocast, max_batches=tcfg.eval_batches)
         evaluation.save_grid(*metrics.pop("_grid"), os.path.join(tcfg.out_dir, f"recon_{step:06d}.png"))
         log({"step": step, "split": "val", **metrics})
-        ppl = "  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if k.endswith(("perplexity", "usage")))
+        ppl = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.endswith(("perplexity", "usage")))
         tqdm.write(f"step {step}: val psnr {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f})"
                    f"  {ppl}")
 

@@ -134,13 +134,15 @@ class VectorQuantizer(nn.Module):
         e = self.codebook if codebook is None else codebook
         e = e.detach().float()
         e_sq = (e * e).sum(1)  # (K,)
-        chunk = max(1, 2 ** 24 // e.shape[0])  # rows per chunk
+        chunk = min(z.shape[0], max(1, 2 ** 24 // e.shape[0]))  # rows per chunk
         codes = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        d = torch.empty(chunk, e.shape[0], device=z.device)  # one buffer for every chunk: no allocation per chunk
         for i in range(0, z.shape[0], chunk):
             zc = z[i:i + chunk].detach().float()
+            dc = d[:zc.shape[0]]
             # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
-            d = torch.addmm(e_sq, zc, e.t(), alpha=-2.0)  # (chunk, K)
-            codes[i:i + chunk] = d.argmin(1)
+            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (chunk, K)
+            torch.argmin(dc, 1, out=codes[i:i + chunk])
         return codes
 
     # -- forward ----------------------------------------------------------------------------------------------------

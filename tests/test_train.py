@@ -131,7 +131,7 @@ def test_set_step_and_aux_optimizer_protocol(tmp_path, monkeypatch):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model"]["scale"] == pytest.approx(1.0, abs=0.05)  # the main optimizer trained the main part
     assert len(ckpt["optimizers"]) == 2 and int(ckpt["model"]["last_step"]) == 149
-    train.main(args + ["--max_iters", "153", "--resume"])
+    train.main(["--out_dir", out, "--resume", "--max_iters", "153"])  # the model and settings come from the run
     assert [r["step"] for r in read_log(out)][-2:] == [150, 153]
     assert int(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]["last_step"]) == 152
 
@@ -189,6 +189,21 @@ def test_sigkill_while_training_leaves_a_checkpoint_that_loads(tmp_path):
     assert ckpt["step"] >= 19 and isinstance(model, vqvae.Model)
 
 
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+
+    def crashing_save(obj, f):  # writes half a checkpoint, then the process "dies"
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
 def test_resume_refuses_a_different_architecture(tmp_path):
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "2"])
@@ -198,7 +213,8 @@ def test_resume_refuses_a_different_architecture(tmp_path):
         train.main([*TINY, "--out_dir", str(tmp_path / "empty"), "--resume"])
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_interval, caught_at", [(1, 8), (100, 10)])  # at a log step, or at the next checkpoint
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_interval, caught_at):
     forward, calls = vqvae.Model.forward, []
 
     def poisoned(self, x):  # the 8th training forward returns a NaN loss
@@ -208,8 +224,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(vqvae.Model, "forward", poisoned)
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit, match="step 8: the loss is not finite.*last good checkpoint"):
-        train.main([*TINY, "--out_dir", out, "--max_iters", "50", "--ckpt_interval", "5", "--log_interval", "1"])
+    with pytest.raises(SystemExit, match=f"step {caught_at}: the loss is not finite.*last good checkpoint"):
+        train.main([*TINY, "--out_dir", out, "--max_iters", "50", "--ckpt_interval", "5",
+                    "--log_interval", str(log_interval)])
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
