@@ -17,6 +17,8 @@ For each codebook (named by the model: "vq", or "top" / "bottom", ...):
                   latents and of the codebook vectors
   pr              participation ratio (sum l)^2 / sum l^2 of the same spectra
   waterfill_dim   the number of latent dimensions that reverse water-filling gives bits at rate log2 K
+For models that can decode from part of their codes (model.partial_decodes(x) -> {name: x_hat}, e.g. the first n
+groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse".
 """
 
 import argparse
@@ -118,7 +120,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     model.eval()
     mse_sum = n_images = 0.0
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
-    per_image_psnr, counts, latents, codebooks, grid = [], {}, {}, {}, None
+    per_image_psnr, counts, latents, codebooks, partial_sse, grid = [], {}, {}, {}, {}, None
     for i, x in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -126,6 +128,9 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
         with autocast or torch.autocast(device.type, enabled=False):
             x_hat = model(x)[0]
             views = model.latents(x)  # {name: (codebook (K, D), z (N, D), codes (N,))}
+            partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
+        for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
+            partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
         mse = per_image_mse(x, x_hat).double()  # (B,)
         mse_sum, n_images = mse_sum + float(mse.sum()), n_images + x.shape[0]
         per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
@@ -151,6 +156,9 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     for name, c in counts.items():
         for key, value in codebook_metrics(c, torch.cat(latents[name]), codebooks[name]).items():
             out[f"{name}/{key}"] = value
+    for name, sse in partial_sse.items():
+        out[f"{name}/mse"] = sse / n_images
+        out[f"{name}/psnr"] = psnr(sse / n_images)
     out["_grid"] = grid
     return out
 

@@ -17,7 +17,14 @@ second paper's remedies, each switchable here for its ablation:
      moved onto a recent encoder output;
   3. a small code dimension D (8) with a large K: the paper finds D >= 64 collapses, D = 8 with K = 4096-8192 best.
 
+Multi-group quantization (MGVQ, "Could VQ-VAE Beat VAE?", arXiv:2507.07997) is the `groups` option: the D-dim vector
+is cut into G parts, each quantized by its own small sub-codebook, which multiplies the combinations per position
+(K^G) while each sub-codebook stays easy to keep in use. With nested masking (`group_mask_probs`) the later groups
+are randomly dropped in training, so the first groups learn the coarse content and `groups_to_use` can decode from
+a prefix of the groups.
+
 Train it:  python train.py --model vqvae [--dataset mnist --data_dir DIR] [--codebook_size 1024 --code_dim 8]
+           python train.py --model vqvae --code_dim 16 --groups 4 --codebook_size 8 --group_mask_probs 0,0.2,0.3,0.4
 """
 
 import math
@@ -50,6 +57,11 @@ class Config:
     kmeans_iters: int = 10
     dead_code_threshold: float = 2.0  # reset codes used fewer times than this per window; 0 disables
     dead_code_window: int = 10  # batches per window (hierarchy paper: 2 uses over 10 batches)
+    # multi-group quantization (MGVQ); groups = 1 is plain VQ
+    groups: int = 1  # G: code_dim is cut into G parts, each with its own sub-codebook of codebook_size codes
+    group_mask_probs: tuple[float, ...] = ()  # nested masking in training: G values, p_0 = 0; () disables.
+    # Each batch draws u ~ U(0, 1) once and drops group i when u < p_i (MGVQ's first stage: 0,0.2,0.3,0.4)
+    groups_to_use: int = 0  # in eval mode, decode from the first groups only; 0 uses all
 
 
 # Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
@@ -69,27 +81,37 @@ PRESETS = {
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with an EMA codebook (VQ-VAE, arXiv:1711.00937, appendix A.1), data
-    initialisation and dead-code reset (arXiv:2601.22244). Depends on torch only: copy it into your project.
+    initialisation and dead-code reset (arXiv:2601.22244), and multi-group quantization (MGVQ, arXiv:2507.07997).
+    Depends on torch only: copy it into your project.
 
-    forward(z) takes z of shape (..., D) and returns (z_q, codes, loss, stats):
+    With `groups` G > 1 the D-dim vector is cut into G parts of D/G dims, and part g is quantized by its own
+    sub-codebook of K codes (MGVQ): K^G combinations per position from G small codebooks that are easy to keep in use.
+    All G sub-codebooks live in one (K, D) matrix: code k of group g is codebook[k, g*D/G:(g+1)*D/G]. Counts are
+    (G*K,), group by group. With G = 1 this is the plain quantizer, buffers and results unchanged.
+
+    forward(z, group_mask=None) takes z of shape (..., D) and returns (z_q, codes, loss, stats):
       z_q   (..., D)  the quantized vectors, with straight-through gradients to z
-      codes (...)     int64 index of the chosen code
+      codes (...)     int64 index of the chosen code, or (..., G) with one index per group when G > 1
       loss  scalar    beta * ||z - sg(e)||^2, plus ||sg(z) - e||^2 when the codebook is learned by gradient
       stats dict      scalar tensors for logging
+    group_mask, a (G,) bool tensor, drops the groups where it is False: their part of z_q is zero and their loss
+    terms are left out (MGVQ's nested masking). Their codebooks are still updated from the encoder's output.
 
     In training mode it also updates the codebook (after the loss is computed), and under torch.distributed it keeps
     the codebook bitwise equal on every rank: counts and sums are all-reduced, and the vectors for initialisation and
     dead-code reset are gathered from all ranks, picked on rank 0 and broadcast (so every rank must pass the same
-    number of vectors, as with equal batches). Everything inside runs in float32 with
-    autocast off: a bf16 distance matmul picks a different code for about 1% of vectors.
+    number of vectors, as with equal batches). Everything inside runs in float32 with autocast off: a bf16 distance
+    matmul picks a different code for about 1% of vectors.
     """
 
-    def __init__(self, codebook_size, dim, beta=0.25, ema=True, decay=0.99, eps=1e-5, init="kmeans",
+    def __init__(self, codebook_size, dim, groups=1, beta=0.25, ema=True, decay=0.99, eps=1e-5, init="kmeans",
                  kmeans_iters=10, dead_code_threshold=2.0, dead_code_window=10):
         super().__init__()
         if init not in ("kmeans", "data", "random"):
             raise ValueError(f"init must be 'kmeans', 'data' or 'random', got {init!r}")
-        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        if groups < 1 or dim % groups:
+            raise ValueError(f"dim {dim} must be divisible by groups {groups}")
+        self.codebook_size, self.dim, self.groups, self.beta = codebook_size, dim, groups, beta
         self.ema, self.decay, self.eps = ema, decay, eps
         self.init, self.kmeans_iters = init, kmeans_iters
         self.dead_code_threshold, self.dead_code_window = dead_code_threshold, dead_code_window
@@ -99,9 +121,9 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("codebook", codebook)
         else:
             self.codebook = nn.Parameter(codebook)
-        self.register_buffer("ema_count", torch.ones(codebook_size))  # N_k, EMA of assignment counts
+        self.register_buffer("ema_count", torch.ones(groups * codebook_size))  # N_k, EMA of assignment counts
         self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of the sums of assigned vectors
-        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in the current dead-code window
+        self.register_buffer("usage", torch.zeros(groups * codebook_size))  # assignments in this dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
         self.register_buffer("initialized", torch.tensor(init == "random"))
 
@@ -126,72 +148,119 @@ class VectorQuantizer(nn.Module):
         dist.all_gather(parts, z.contiguous())
         return torch.cat(parts)
 
+    def _by_group(self, x):
+        """(N, D) -> (G, N, D/G), a view: the groups side by side."""
+        return x.view(x.shape[0], self.groups, -1).transpose(0, 1)
+
+    def _per_dim(self, per_code):
+        """(G*K,) values per code of each group -> (K, D), each value repeated over its group's dims."""
+        d = self.dim // self.groups
+        return per_code.view(self.groups, -1).t().repeat_interleave(d, dim=1)
+
     # -- nearest code -----------------------------------------------------------------------------------------------
 
     def nearest(self, z, codebook=None):
-        """Index of the nearest code for each row of z (N, D). Chunked over rows so that the (rows, K) distance
-        block stays near 64 MiB whatever N and K are: K = 65,536 codes for 65,536 vectors needs no (N, K) matrix."""
-        e = self.codebook if codebook is None else codebook
-        e = e.detach().float()
-        e_sq = (e * e).sum(1)  # (K,)
-        chunk = min(z.shape[0], max(1, 2 ** 24 // e.shape[0]))  # rows per chunk
-        codes = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
-        d = torch.empty(chunk, e.shape[0], device=z.device)  # one buffer for every chunk: no allocation per chunk
-        for i in range(0, z.shape[0], chunk):
-            zc = z[i:i + chunk].detach().float()
-            dc = d[:zc.shape[0]]
+        """Index of the nearest code of each group for each row of z (N, D): (N, G). Chunked over rows so that the
+        (G, rows, K) distance block stays near 64 MiB whatever N and K are: K = 65,536 codes for 65,536 vectors needs
+        no (N, K) matrix."""
+        e = self._by_group((self.codebook if codebook is None else codebook).detach().float())  # (G, K, d)
+        e_sq = (e * e).sum(-1, keepdim=True).transpose(1, 2)  # (G, 1, K)
+        z = self._by_group(z.detach().float())  # (G, N, d)
+        G, N, K = z.shape[0], z.shape[1], e.shape[1]
+        chunk = min(N, max(1, 2 ** 24 // (G * K)))  # rows per chunk
+        codes = torch.empty(N, G, dtype=torch.long, device=z.device)
+        d = torch.empty(G, chunk, K, device=z.device)  # one buffer for every chunk: no allocation per chunk
+        for i in range(0, N, chunk):
+            zc = z[:, i:i + chunk]  # (G, c, d)
+            dc = d[:, :zc.shape[1]]
             # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
-            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (chunk, K)
-            torch.argmin(dc, 1, out=codes[i:i + chunk])
+            torch.baddbmm(e_sq, zc, e.transpose(1, 2), alpha=-2.0, out=dc)  # (G, c, K)
+            codes[i:i + chunk] = dc.argmin(-1).t()
         return codes
+
+    def encode(self, z):
+        """(..., D) -> codes (...), or (..., G) when G > 1. Changes nothing: for eval and tokenizers."""
+        return self._shape_codes(self.nearest(z.reshape(-1, self.dim)), z.shape)
+
+    def _shape_codes(self, codes, shape):
+        """(N, G) codes of vectors of `shape` (..., D) -> (...), or (..., G) when G > 1."""
+        return codes.reshape(*shape[:-1], *([self.groups] if self.groups > 1 else []))
+
+    def lookup(self, codes):
+        """codes as encode gives them -> code vectors (..., D)."""
+        batch = codes.shape[:-1] if self.groups > 1 else codes.shape
+        return self._lookup(codes.reshape(-1, self.groups)).reshape(*batch, self.dim)
+
+    def _lookup(self, codes):
+        """(N, G) -> (N, D); indexing, not a one-hot matmul."""
+        groups = torch.arange(self.groups, device=codes.device)
+        return self._by_group(self.codebook)[groups, codes].reshape(codes.shape[0], self.dim)  # via (N, G, d)
 
     # -- forward ----------------------------------------------------------------------------------------------------
 
-    def forward(self, z):
+    def forward(self, z, group_mask=None):
         shape = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
             z = z.float().reshape(-1, self.dim)  # (N, D)
             if self.training and not self.initialized:
                 self._init_codebook(z.detach())
-            codes = self.nearest(z)  # (N,)
-            e = self.codebook[codes]  # (N, D); indexing, not a one-hot matmul
+            codes = self.nearest(z)  # (N, G)
+            e = self._lookup(codes)  # (N, D)
+            keep = None if group_mask is None else group_mask.repeat_interleave(self.dim // self.groups).float()
 
             # beta moves the encoder toward its code; the codebook moves by EMA, or by its own loss without EMA
-            commit = F.mse_loss(z, e.detach())
+            commit = self._mse(z, e.detach(), keep)
             loss = self.beta * commit
             if not self.ema:
-                loss = loss + F.mse_loss(e, z.detach())
+                loss = loss + self._mse(e, z.detach(), keep)
             # straight-through: the forward value is exactly e (z - sg(z) is exactly 0, where the common
             # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged
             z_q = e + (z - z.detach())
+            if keep is not None:
+                z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
 
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,) this rank's batch
+            counts, sums = self._counts_and_sums(z.detach(), codes)  # (G*K,), (K, D): this rank's batch
             if self.training:  # quantize and compute losses first, then update the codebook
-                self._update(z.detach(), codes, counts)
-        p = counts / counts.sum()
+                self._update(z.detach(), counts, sums)
+        p = counts.view(self.groups, -1)
+        p = p / p.sum(1, keepdim=True)
         stats = {"commit": commit.detach(),
-                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch (a lower bound)
+                 # of this batch, averaged over groups (a lower bound of the perplexity over a whole split)
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum(1)).mean(),
                  "code_usage": (counts > 0).float().mean()}
-        return z_q.reshape(shape), codes.reshape(shape[:-1]), loss, stats
+        return z_q.reshape(shape), self._shape_codes(codes, shape), loss, stats
 
-    def lookup(self, codes):
-        """codes (...) -> code vectors (..., D)."""
-        return self.codebook[codes]
+    @staticmethod
+    def _mse(a, b, keep):
+        """Mean squared error over all dims, or over the dims where keep (D,) is 1."""
+        if keep is None:
+            return F.mse_loss(a, b)
+        return ((a - b) ** 2 * keep).sum() / (a.shape[0] * keep.sum())
+
+    def _counts_and_sums(self, z, codes):
+        """Assignments of z (N, D) to codes (N, G): counts (G*K,) and sums of assigned parts (K, D), in the
+        codebook's layout. One bincount and one index_add_ for all groups (code k of group g is row g*K + k)."""
+        K, G = self.codebook_size, self.groups
+        flat = (codes + torch.arange(G, device=codes.device) * K).t().reshape(-1)  # (G*N,), group by group
+        counts = torch.bincount(flat, minlength=G * K).float()
+        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the same order as flat
+        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, flat, parts)  # (G*K, d)
+        return counts, sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
 
     # -- codebook updates (training mode only; every rank runs the same collectives) ---------------------------------
 
     @torch.no_grad()
-    def _update(self, z, codes, counts):
-        counts = self._all_reduce(counts.clone())  # (K,) over all ranks
+    def _update(self, z, counts, sums):
+        counts = self._all_reduce(counts.clone())  # (G*K,) over all ranks
         if self.ema:
-            sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, z)  # (K, D)
             self._all_reduce(sums)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             # Laplace smoothing keeps an unused code's count above zero so the division is safe
-            n = self.ema_count.sum()
-            count = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n
-            self.codebook.copy_(self.ema_sum / count[:, None])
+            count = self.ema_count.view(self.groups, -1)  # (G, K)
+            n = count.sum(1, keepdim=True)  # (G, 1)
+            count = (count + self.eps) / (n + self.codebook_size * self.eps) * n
+            self.codebook.copy_(self.ema_sum / self._per_dim(count.reshape(-1)))
         if self.dead_code_threshold > 0:
             self.usage.add_(counts)
             self.window_step.add_(1)
@@ -203,13 +272,14 @@ class VectorQuantizer(nn.Module):
         """Move every code used fewer than `dead_code_threshold` times in the window onto a random encoder output of
         this batch, drawn from all ranks' vectors by rank 0 and broadcast. Its EMA count and sum are reset with it,
         or the next EMA step would drag the code back to where it was."""
-        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
+        dead = self.usage < self.dead_code_threshold  # (G*K,), equal on all ranks: usage is all-reduced
         z = self._gather(z)  # (world * N, D)
         # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
         candidates = z[torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
         self._broadcast(candidates)
-        self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
-        self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
+        dead_dims = self._per_dim(dead)  # (K, D)
+        self.codebook.copy_(torch.where(dead_dims, candidates, self.codebook))
+        self.ema_sum.copy_(torch.where(dead_dims, candidates, self.ema_sum))
         self.ema_count.masked_fill_(dead, 1.0)
         self.usage.zero_()
         self.window_step.zero_()
@@ -223,13 +293,12 @@ class VectorQuantizer(nn.Module):
         if idx.numel() < self.codebook_size:  # fewer vectors than codes: sample with replacement
             idx = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
         codebook = z[idx].clone()  # (K, D)
-        if self.init == "kmeans":
+        if self.init == "kmeans":  # Lloyd's iterations, every group at once
             for _ in range(self.kmeans_iters):
-                codes = self.nearest(z, codebook)
-                counts = torch.bincount(codes, minlength=self.codebook_size).float()
-                sums = torch.zeros_like(codebook).index_add_(0, codes, z)
+                counts, sums = self._counts_and_sums(z, self.nearest(z, codebook))
+                counts = self._per_dim(counts)  # (K, D)
                 # an empty cluster keeps its previous centre
-                codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
+                codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
         self._broadcast(codebook)
         self.codebook.copy_(codebook)
         self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
@@ -301,15 +370,23 @@ class Model(nn.Module):
             raise ValueError(f"downsample must be a power of 2 and at least 2, got {cfg.downsample}")
         if cfg.image_size % cfg.downsample:
             raise ValueError(f"image_size {cfg.image_size} is not divisible by downsample {cfg.downsample}")
+        probs = cfg.group_mask_probs
+        if probs and (len(probs) != cfg.groups or probs[0] != 0 or not all(0 <= p <= 1 for p in probs)):
+            raise ValueError(f"group_mask_probs needs {cfg.groups} probabilities in [0, 1], the first 0 (group 0 "
+                             f"is always kept), got {probs}")
+        if not 0 <= cfg.groups_to_use <= cfg.groups:
+            raise ValueError(f"groups_to_use must be between 0 (all) and groups = {cfg.groups}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.pre_quant = nn.Conv2d(cfg.hidden, cfg.code_dim, 1)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, ema=cfg.ema,
-                                         decay=cfg.decay, eps=cfg.eps, init=cfg.init, kmeans_iters=cfg.kmeans_iters,
-                                         dead_code_threshold=cfg.dead_code_threshold,
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, groups=cfg.groups, beta=cfg.beta,
+                                         ema=cfg.ema, decay=cfg.decay, eps=cfg.eps, init=cfg.init,
+                                         kmeans_iters=cfg.kmeans_iters, dead_code_threshold=cfg.dead_code_threshold,
                                          dead_code_window=cfg.dead_code_window)
         self.post_quant = nn.Conv2d(cfg.code_dim, cfg.hidden, 1)
         self.decoder = Decoder(cfg)
+        # not saved: it is the config's, and a plain model's checkpoint stays as it was
+        self.register_buffer("mask_probs", torch.tensor(probs or [0.0] * cfg.groups), persistent=False)
 
     def _latents(self, x):
         """(B, C, H, W) -> pre-quantization vectors (B, h, w, D), channels last for the quantizer."""
@@ -319,9 +396,20 @@ class Model(nn.Module):
         """(B, h, w, D) -> (B, C, H, W)"""
         return self.decoder(self.post_quant(z_q.permute(0, 3, 1, 2)))
 
+    def _group_mask(self, groups_to_use=None):
+        """(G,) bool, the groups to keep, or None for all of them. Training with group_mask_probs: MGVQ's nested
+        masking, one u per batch (and per rank), drawn on the device so that no value comes back to the host.
+        Evaluation: the first `groups_to_use` groups."""
+        n = self.cfg.groups_to_use if groups_to_use is None else groups_to_use
+        if self.training and self.cfg.group_mask_probs:
+            return torch.rand((), device=self.mask_probs.device) >= self.mask_probs  # u < p_i drops group i
+        if not self.training and 0 < n < self.cfg.groups:
+            return torch.arange(self.cfg.groups, device=self.mask_probs.device) < n
+        return None
+
     def forward(self, x):
         z = self._latents(x)  # (B, h, w, D)
-        z_q, codes, q_loss, q_stats = self.quantizer(z)
+        z_q, codes, q_loss, q_stats = self.quantizer(z, self._group_mask())
         x_hat = self._decode_latents(z_q)  # (B, C, H, W)
         recon = F.mse_loss(x_hat.float(), x.float())
         stats = {"recon": recon.detach(), **q_stats}
@@ -329,18 +417,36 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> codes (B, h, w). Use in eval mode (training mode would update the codebook)."""
-        z = self._latents(x)  # (B, h, w, D)
-        return self.quantizer.nearest(z.reshape(-1, self.cfg.code_dim)).reshape(z.shape[:-1])
+        """(B, C, H, W) -> codes (B, h, w), or (B, h, w, G) with groups. Use in eval mode (training mode would
+        update the codebook)."""
+        return self.quantizer.encode(self._latents(x))
 
     @torch.no_grad()
-    def decode(self, codes):
-        """codes (B, h, w) -> (B, C, H, W)"""
-        return self._decode_latents(self.quantizer.lookup(codes))
+    def decode(self, codes, groups_to_use=None):
+        """codes as encode gives them -> (B, C, H, W), from the first groups_to_use groups (default: the config's)."""
+        z_q = self.quantizer.lookup(codes)  # (B, h, w, D)
+        mask = self._group_mask(groups_to_use)
+        if mask is not None:
+            z_q = z_q * mask.repeat_interleave(self.cfg.code_dim // self.cfg.groups).to(z_q.dtype)
+        return self._decode_latents(z_q)
+
+    @torch.no_grad()
+    def partial_decodes(self, x):
+        """For eval.py: {"groups_n": reconstruction from the first n groups} for n = 1..G, when G > 1."""
+        if self.cfg.groups == 1:
+            return {}
+        codes = self.encode(x)
+        return {f"groups_{n}": self.decode(codes, n) for n in range(1, self.cfg.groups + 1)}
 
     @torch.no_grad()
     def latents(self, x):
-        """For eval.py: {name: (codebook (K, D), pre-quantization vectors (N, D), codes (N,))}, one entry per
-        codebook."""
-        z = self._latents(x).reshape(-1, self.cfg.code_dim).float()
-        return {"vq": (self.quantizer.codebook.detach().float(), z, self.quantizer.nearest(z))}
+        """For eval.py: {name: (codebook (K, d), pre-quantization vectors (N, d), codes (N,))}, one entry per
+        codebook: "vq", or "group0", "group1", ... with groups."""
+        D, G = self.cfg.code_dim, self.cfg.groups
+        z = self._latents(x).reshape(-1, D).float()
+        codebook, codes = self.quantizer.codebook.detach().float(), self.quantizer.nearest(z)  # (K, D), (N, G)
+        if G == 1:
+            return {"vq": (codebook, z, codes[:, 0])}
+        d = D // G
+        return {f"group{g}": (codebook[:, g * d:(g + 1) * d], z[:, g * d:(g + 1) * d], codes[:, g])
+                for g in range(G)}

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -9,11 +10,11 @@ import torch.multiprocessing as mp
 from vqvae import VectorQuantizer
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, groups):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vq = VectorQuantizer(64, 4, init="kmeans", dead_code_threshold=2, dead_code_window=3)
+    vq = VectorQuantizer(64, 4, groups=groups, init="kmeans", dead_code_threshold=2, dead_code_window=3)
     torch.manual_seed(1000 + rank)  # from here on each rank draws different random numbers, as in training
 
     dead_at_reset = []
@@ -32,8 +33,9 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_keep_identical_codebooks(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("groups", [1, 2])  # the plain quantizer, and one sub-codebook per group (MGVQ)
+def test_two_gloo_ranks_keep_identical_codebooks(tmp_path, groups):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), groups), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["dead"] == r1["dead"] and len(r0["dead"]) == 3  # resets at batches 3, 6 and 9
@@ -41,6 +43,7 @@ def test_two_gloo_ranks_keep_identical_codebooks(tmp_path):
     assert bool(r0["state"]["initialized"])
     for name, value in r0["state"].items():
         assert torch.equal(value, r1["state"][name]), f"{name} differs between ranks"
-    # and the codebook did learn from both ranks' data (means near 0 and near 1), not from rank 0 alone
-    means = r0["state"]["codebook"].mean(1)
-    assert (means > 0.5).sum() > 5 and (means < 0.5).sum() > 5
+    # and every sub-codebook learned from both ranks' data (means near 0 and near 1), not from rank 0 alone
+    for part in r0["state"]["codebook"].chunk(groups, dim=1):
+        means = part.mean(1)
+        assert (means > 0.5).sum() > 5 and (means < 0.5).sum() > 5

@@ -87,7 +87,7 @@ def test_chunked_nearest_equals_unchunked_and_the_true_nearest():
     K, D, N = 65536, 8, 1000  # K = 65,536 gives 256-row chunks: four of them here
     vq = VectorQuantizer(K, D, init="random", dead_code_threshold=0)
     z = torch.randn(N, D)
-    codes = vq.nearest(z)
+    codes = vq.encode(z)
     e = vq.codebook
     unchunked = torch.addmm((e * e).sum(1), z, e.t(), alpha=-2).argmin(1)
     assert torch.equal(codes, unchunked)
@@ -176,7 +176,8 @@ def test_eval_mode_changes_no_buffer():
 
 # -- the class copied alone -------------------------------------------------------------------------------------------
 
-def test_vector_quantizer_class_stands_alone(tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vector_quantizer_class_stands_alone(tmp_path, groups):
     source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n"
               + inspect.getsource(VectorQuantizer))
     path = tmp_path / "copied_quantizer.py"
@@ -188,7 +189,7 @@ def test_vector_quantizer_class_stands_alone(tmp_path):
     torch.manual_seed(0)
     # 8 clusters in 4-D; an encoder (a linear map) and the copied quantizer learn them together
     centres = torch.randn(8, 4) * 3
-    vq = module.VectorQuantizer(16, 4, init="kmeans")
+    vq = module.VectorQuantizer(16, 4, groups=groups, init="kmeans")
     enc = torch.nn.Linear(4, 4)
     opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
     losses = []
