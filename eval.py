@@ -87,7 +87,7 @@ def waterfill(eigs, bits):
         log_theta = (log_l[:k].sum() - 2 * bits) / k
         if k == len(eigs) or log_theta >= log_l[k]:
             return k, float(2 ** log_theta)
-    raise ValueError("waterfill needs at least one positive eigenvalue")
+    return 0, 0.0  # no variance at all (a collapsed encoder): no dimension to spend bits on
 
 
 def codebook_metrics(counts, latents, codebook):
@@ -114,8 +114,10 @@ def codebook_metrics(counts, latents, codebook):
 @torch.no_grad()
 def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000):
     """Run `model` (in eval mode) over `loader`; returns a flat dict of the metrics in the module docstring, plus the
-    first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use at most
-    `max_latents` vectors per codebook (the first ones seen)."""
+    first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use about
+    `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed."""
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    picker = torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
     mse_sum = n_images = 0.0
@@ -141,8 +143,8 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             codebooks[name] = codebook.float().cpu()
             c = torch.bincount(codes.flatten(), minlength=codebook.shape[0]).cpu()
             counts[name] = c if name not in counts else counts[name] + c
-            kept = sum(t.shape[0] for t in latents.get(name, []))
-            latents.setdefault(name, []).append(z[:max(0, max_latents - kept)].float().cpu())
+            rows = torch.randperm(z.shape[0], generator=picker)[:math.ceil(max_latents / n_batches)]
+            latents.setdefault(name, []).append(z.cpu()[rows].float())
         if grid is None:
             grid = (x.cpu(), x_hat.float().cpu())
     if not n_images:

@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -68,6 +69,7 @@ class TrainConfig:
     download: bool = False  # fetch mnist / fashion_mnist / cifar10 into data_dir first
     out_dir: str = ""  # default: out/<model>_<dataset>
     resume: bool = False  # continue from <out_dir>/ckpt.pt
+    overwrite: bool = False  # start afresh even where <out_dir> holds a checkpoint (it is replaced)
     # optimisation
     batch_size: int = 64  # per rank and per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -121,6 +123,9 @@ def parse_argv(argv):
 
 def convert(key, raw, typ):
     """Turn the command-line string `raw` into `typ` (bool, int, float, str, or list[...]), or refuse clearly."""
+    if type(None) in typing.get_args(typ):  # Optional[X] or X | None: "none" is None, anything else an X
+        (inner,) = set(typing.get_args(typ)) - {type(None)}
+        return None if raw is not None and raw.lower() == "none" else convert(key, raw, inner)
     if typ is bool:
         if raw is None:  # a bare --flag
             return True
@@ -224,8 +229,11 @@ def check(tcfg):
         (tcfg.dtype in ("auto", "float32", "bfloat16", "float16"), "--dtype must be auto, float32, bfloat16 or float16"),
         (tcfg.batch_size >= 1 and tcfg.grad_accum >= 1, "--batch_size and --grad_accum must be at least 1"),
         (tcfg.max_iters >= 0, "--max_iters must be at least 0"),
-        (min(tcfg.log_interval, tcfg.eval_interval, tcfg.ckpt_interval) >= 1, "intervals must be at least 1"),
-        (tcfg.lr > 0, "--lr must be positive"),
+        (min(tcfg.log_interval, tcfg.eval_interval, tcfg.ckpt_interval, tcfg.eval_batches) >= 1,
+         "--log_interval, --eval_interval, --ckpt_interval and --eval_batches must be at least 1"),
+        (0 < tcfg.lr < math.inf, "--lr must be positive and finite"),
+        (tcfg.warmup_iters >= 0 and tcfg.lr_decay_iters >= 1, "--warmup_iters >= 0 and --lr_decay_iters >= 1"),
+        (tcfg.data_dir or not tcfg.download, "--download needs --data_dir, the folder to download into"),
     ]
     for ok, message in rules:
         if not ok:
@@ -310,38 +318,57 @@ def average_gradients(params, world):
 # Data
 
 
-def make_loaders(tcfg, mcfg, device, world):
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's shuffled order of the training set for epoch `epoch` (a DistributedSampler's share under DDP,
+    reseeded by epoch), without its first `skip` indices: a resumed run goes on mid-epoch where it stopped, without
+    loading the images it skips."""
+
+    def __init__(self, dataset, seed, world, rank):
+        self.generator = torch.Generator()
+        self.base = (torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+                     if world > 1 else torch.utils.data.RandomSampler(dataset, generator=self.generator))
+        self.seed, self.epoch, self.skip = seed, 0, 0
+
+    def __iter__(self):
+        if isinstance(self.base, torch.utils.data.DistributedSampler):
+            self.base.set_epoch(self.epoch)
+        self.generator.manual_seed(self.seed + self.epoch)
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self):
+        return len(self.base) - self.skip
+
+
+def make_loaders(tcfg, mcfg, device, rank, world):
     image_size = getattr(mcfg, "image_size", None)
-    data_dir = tcfg.data_dir or None
     try:
         if tcfg.download:
             data.download(tcfg.dataset, tcfg.data_dir)
-        train_set = data.get_dataset(tcfg.dataset, "train", data_dir, image_size)
-        val_set = data.get_dataset(tcfg.dataset, "val", data_dir, image_size)
+        train_set = data.get_dataset(tcfg.dataset, "train", tcfg.data_dir or None, image_size)
+        val_set = data.get_dataset(tcfg.dataset, "val", tcfg.data_dir or None, image_size)
     except data.DataError as err:
         raise SystemExit(f"train.py: {err}") from err
     if len(train_set) < tcfg.batch_size * world:
         raise SystemExit(f"train.py: the {tcfg.dataset} train split has {len(train_set)} images, fewer than one "
                          f"batch ({tcfg.batch_size} x {world} ranks)")
-    sampler = torch.utils.data.DistributedSampler(train_set, shuffle=True, seed=tcfg.seed, drop_last=True) \
-        if world > 1 else None
-    generator = torch.Generator()  # reseeded every epoch, so the order of epoch e is the same after a resume
+    sampler = EpochSampler(train_set, tcfg.seed, world, rank)
     common = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
                   persistent_workers=tcfg.num_workers > 0)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                                               generator=generator, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
-    return train_loader, val_loader, sampler, generator
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, **common)
+    # its own generator: a validation draws nothing from the global RNG, so it does not change the training run
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, generator=torch.Generator(), **common)
+    return train_loader, val_loader, sampler
 
 
-def batches(loader, sampler, generator, seed, epoch):
-    """Endless stream of batches, starting at `epoch`."""
+def batches(loader, sampler, batch_size, start):
+    """Endless stream of batches, from the `start`-th batch of the run on (epochs of len(sampler.base) // batch_size
+    batches): a resumed run sees the batches the uninterrupted run would have seen."""
+    per_epoch = len(sampler.base) // batch_size
+    sampler.epoch, skip = divmod(start, per_epoch)
+    sampler.skip = skip * batch_size
     while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        generator.manual_seed(seed + epoch)
         yield from loader
-        epoch += 1
+        sampler.epoch, sampler.skip = sampler.epoch + 1, 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,8 +400,19 @@ def main(argv=None):
     master = rank == 0
     ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
 
+    if ckpt is None and os.path.exists(ckpt_path) and not tcfg.overwrite:
+        raise SystemExit(f"train.py: {ckpt_path} exists: pass --resume to continue that run, --overwrite to replace "
+                         f"it, or another --out_dir")
+    if master and ckpt and tcfg.lr_schedule == "cosine" and tcfg.max_iters != ckpt["train_config"]["max_iters"]:
+        before = lr_at(ckpt["step"], TrainConfig(**ckpt["train_config"]))
+        print(f"note: the cosine schedule now spans {tcfg.max_iters} steps instead of "
+              f"{ckpt['train_config']['max_iters']}: the lr moves from {before:.3g} to {lr_at(ckpt['step'], tcfg):.3g}")
+
     torch.manual_seed(tcfg.seed)  # the same on every rank: identical initial weights
-    model = module.Model(mcfg).to(device)
+    try:
+        model = module.Model(mcfg).to(device)
+    except ValueError as err:  # a setting the model cannot take, e.g. an image size its downsampling does not divide
+        raise SystemExit(f"train.py: {tcfg.model}: {err}") from None
     raw_model = model  # the unwrapped model: hooks, checkpoints, validation
     aux = raw_model.aux_module() if hasattr(raw_model, "aux_module") else None
     aux_ids = {id(p) for p in aux.parameters()} if aux is not None else set()
@@ -404,8 +442,6 @@ def main(argv=None):
     else:
         torch.manual_seed(tcfg.seed + rank + 7919 * step)
 
-    if tcfg.compile:
-        model = torch.compile(model)
     if world > 1:
         # The quantizers keep their buffers equal across ranks themselves: DDP need not sync them at every forward.
         # Gradients as views into DDP's buckets save a copy, whatever memory layout a convolution gives them.
@@ -416,11 +452,11 @@ def main(argv=None):
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
                     gradient_as_bucket_view=True)
+    if tcfg.compile:  # after DDP, as PyTorch recommends (and so that the parameter names above are the model's)
+        model = torch.compile(model)
 
-    train_loader, val_loader, sampler, generator = make_loaders(tcfg, mcfg, device, world)
-    steps_per_epoch = max(1, len(train_loader) // tcfg.grad_accum)
-    # After a resume the epoch in progress restarts from its beginning (its order is the same: seeded by epoch).
-    stream = batches(train_loader, sampler, generator, tcfg.seed, step // steps_per_epoch)
+    train_loader, val_loader, sampler = make_loaders(tcfg, mcfg, device, rank, world)
+    stream = batches(train_loader, sampler, tcfg.batch_size, step * tcfg.grad_accum)
 
     config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
     if master:
@@ -428,7 +464,7 @@ def main(argv=None):
         print(f"{tcfg.model} on {tcfg.dataset}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
               f"{device}, {world} rank(s), {str(dtype).replace('torch.', '')}, from step {step}")
         print(json.dumps(config, indent=1))
-    log_file = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") if master else None
+    log_file = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
 
     def log(record):
         if master:
@@ -457,7 +493,7 @@ def main(argv=None):
                    f"  {ppl}")
 
     stop = StopRequest()
-    bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # checked at log steps: no host sync every step
+    bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient: checked, not synced
     bar = tqdm(total=tcfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
     last_stats, t0 = {}, time.time()
     try:
@@ -477,8 +513,8 @@ def main(argv=None):
                     with autocast:
                         x_hat, loss, stats = model(x)
                     scalers[0].scale(loss / tcfg.grad_accum).backward()
-                bad_loss |= ~torch.isfinite(loss.detach())
-            step_optimizer(optimizers[0], scalers[0], main_params, tcfg.grad_clip)
+                bad |= ~torch.isfinite(loss.detach())
+            bad |= step_optimizer(optimizers[0], scalers[0], main_params, tcfg.grad_clip)
 
             if aux is not None:
                 optimizers[1].zero_grad(set_to_none=True)  # drop what the main loss's backward left on the aux part
@@ -487,16 +523,19 @@ def main(argv=None):
                 scalers[1].scale(aux_loss).backward()
                 if world > 1:
                     average_gradients(aux.parameters(), world)
-                step_optimizer(optimizers[1], scalers[1], list(aux.parameters()), tcfg.grad_clip)
+                bad |= ~torch.isfinite(aux_loss.detach())
+                bad |= step_optimizer(optimizers[1], scalers[1], list(aux.parameters()), tcfg.grad_clip)
                 stats = {**stats, "aux_loss": aux_loss.detach(), **{f"aux_{k}": v for k, v in aux_stats.items()}}
-                bad_loss |= ~torch.isfinite(aux_loss.detach())
             step += 1
             bar.update(1)
 
             done = step == tcfg.max_iters
-            if step % tcfg.log_interval == 0 or done:
-                if bad_loss:  # all ranks see the same: the gradients of a non-finite loss reach every rank
-                    raise NonFiniteLoss(f"step {step}: the loss is not finite ({float(loss.detach())})")
+            stop_now = agree(stop, bad, world)
+            log_now = step % tcfg.log_interval == 0 or done
+            save_now = step % tcfg.ckpt_interval == 0 or done or stop_now
+            if (log_now or save_now) and bad:  # the only host sync of the step: at log and checkpoint steps
+                raise NonFiniteLoss(f"step {step}: the loss or its gradient is not finite")
+            if log_now:
                 last_stats = {k: float(v) for k, v in stats.items()}
                 record = {"step": step, "split": "train", "loss": float(loss.detach()), "lr": lr,
                           "psnr": evaluation.psnr(last_stats["recon"] / 4),  # recon is MSE on [-1, 1]: /4 for [0, 1]
@@ -504,13 +543,10 @@ def main(argv=None):
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
                                 ppl=f"{last_stats.get('perplexity', float('nan')):.1f}")
+            if save_now:  # before validating: whatever validation does, the step's work is safe
+                checkpoint()
             if master and (step % tcfg.eval_interval == 0 or done):
                 validate()
-            stop_now = stop_requested(stop, device, world)
-            if step % tcfg.ckpt_interval == 0 or done or stop_now:
-                if bad_loss:
-                    raise NonFiniteLoss(f"step {step}: the loss is not finite")
-                checkpoint()
             if stop_now:
                 if master:
                     tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
@@ -519,6 +555,11 @@ def main(argv=None):
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
+    except data.DataError as err:  # a bad image found mid-run: the model is fine, save it and name the file
+        if not bad:
+            checkpoint()
+        message = str(err).strip().splitlines()[-1]  # from a worker, the last line of its traceback names the file
+        raise SystemExit(f"train.py: {message} (checkpoint of step {step} in {ckpt_path})") from None
     finally:
         bar.close()
         stop.restore()
@@ -529,22 +570,26 @@ def main(argv=None):
     return last_stats
 
 
-def stop_requested(stop, device, world):
-    """Every rank must stop at the same step, or one would wait forever in a collective: agree on the flag."""
+def agree(stop, bad, world):
+    """Whether to stop now. Under DDP every rank must decide alike, or one would wait forever in a collective: the
+    stop request and the non-finite flag (set in place) are maxed over the ranks, one small all-reduce per step."""
     if world == 1:
         return stop.requested
-    flag = torch.tensor(float(stop.requested), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+    flags = torch.stack([torch.tensor(float(stop.requested), device=bad.device), bad.float()])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad.copy_(flags[1] > 0)
+    return bool(flags[0])
 
 
 def step_optimizer(opt, scaler, params, grad_clip):
-    if grad_clip > 0:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    """Unscale, clip (grad_clip 0: measure only), step. Returns a bool tensor: the gradient norm is not finite while
+    no float16 grad scaler guards the step (the scaler skips such steps by design, so for it they are no error)."""
+    scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
+    return (~torch.isfinite(norm) & (not scaler.is_enabled())).to(norm.device)
 
 
 if __name__ == "__main__":

@@ -214,8 +214,8 @@ class VectorQuantizer(nn.Module):
             if not self.ema:
                 loss = loss + self._mse(e, z.detach(), keep)
             # straight-through: the forward value is exactly e (z - sg(z) is exactly 0, where the common
-            # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged
-            z_q = e + (z - z.detach())
+            # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged, none to e
+            z_q = e.detach() + (z - z.detach())
             if keep is not None:
                 z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
 

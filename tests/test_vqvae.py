@@ -33,6 +33,15 @@ def test_beta_weighs_the_encoder_term_and_not_the_codebook_term():
     assert torch.allclose(vq.codebook.grad, expected, atol=1e-7)
 
 
+def test_decoder_gradient_reaches_the_encoder_and_not_a_learned_codebook():
+    vq = VectorQuantizer(8, 3, ema=False, init="random", dead_code_threshold=0)
+    z = torch.randn(10, 3, requires_grad=True)
+    z_q, _, _, _ = vq(z)
+    z_q.sum().backward()  # the decoder's gradient only: the codebook moves by its own loss, not by this
+    assert torch.equal(z.grad, torch.ones(10, 3))
+    assert vq.codebook.grad is None or not vq.codebook.grad.any()
+
+
 def test_ema_codebook_gets_no_gradient_and_follows_the_ema_formula():
     torch.manual_seed(0)
     K, D, decay, eps = 6, 2, 0.9, 1e-5
