@@ -5,6 +5,7 @@ model's training throughput in images/s, on the current device.
   python bench.py                                        # default quantizer sizes, then vqvae training throughput
   python bench.py --quantizer 65536,65536,8              # one quantizer size: N vectors, K codes, D dims (repeatable)
   python bench.py --train_only --model vqvae --dataset celeba --batch_size 128 --dtype bfloat16 [--compile]
+  python bench.py --train_only --model vqvae2 --dataset mnist --matched   # vqvae2 and its capacity-matched vqvae
 
 Every flag that is not bench.py's own is a train.py setting (model, dataset, any Config field), resolved as train.py
 resolves it. Training throughput uses random batches of the dataset's shape: it measures the model, not data loading.
@@ -18,6 +19,7 @@ import time
 import torch
 
 import train
+import vqvae2
 from vqvae import VectorQuantizer
 
 DEFAULT_SIZES = [(16384, 512, 64), (65536, 8192, 8), (65536, 65536, 8)]
@@ -112,6 +114,18 @@ def bench_training(argv, steps, device):
     return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds
 
 
+def matched_argv(argv):
+    """train.py settings of a vqvae2 run -> those of its capacity-matched vqvae (vqvae2.matched_single_level), with
+    the same training settings: later keys win, so the matched model's fields are appended."""
+    tcfg, mcfg, _, _ = train.resolve_config(argv)
+    if tcfg.model != "vqvae2":
+        raise SystemExit("bench.py: --matched needs --model vqvae2")
+    match = vqvae2.matched_single_level(mcfg)
+    print(match["message"])
+    return argv + ["--model", "vqvae", "--batch_size", str(tcfg.batch_size)] + \
+        [f"--{k}={v}" for k, v in match["config"].items()]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quantizer", action="append", default=None, metavar="N,K,D", help="quantizer size to time")
@@ -119,6 +133,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--quantizer_only", action="store_true")
     p.add_argument("--train_only", action="store_true")
+    p.add_argument("--matched", action="store_true", help="with --model vqvae2: also time its capacity-matched vqvae")
     args, train_argv = p.parse_known_args()
     tcfg, _, _, _ = train.resolve_config(train_argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tcfg.device == "auto" else tcfg.device)
@@ -131,10 +146,15 @@ def main():
             seconds, peak = bench_quantizer(N, K, D, device, args.repeat)
             print(f"{N:>8} {K:>8} {D:>4}  {seconds * 1e3:>10.1f}  {peak / 2 ** 20:>14.1f}", flush=True)
     if not args.quantizer_only:
-        tcfg, mcfg, dtype, images_per_s = bench_training(train_argv, args.steps, device)
-        print(f"train {tcfg.model} on {tcfg.dataset}-shaped batches ({mcfg.in_channels}x{mcfg.image_size}x"
-              f"{mcfg.image_size}), batch {tcfg.batch_size}, {str(dtype).replace('torch.', '')}"
-              f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s")
+        rates = []
+        for argv in [train_argv] + ([matched_argv(train_argv)] if args.matched else []):
+            tcfg, mcfg, dtype, images_per_s = bench_training(argv, args.steps, device)
+            print(f"train {tcfg.model} on {tcfg.dataset}-shaped batches ({mcfg.in_channels}x{mcfg.image_size}x"
+                  f"{mcfg.image_size}), batch {tcfg.batch_size}, {str(dtype).replace('torch.', '')}"
+                  f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s", flush=True)
+            rates.append(images_per_s)
+        if args.matched:
+            print(f"vqvae2 takes {rates[1] / rates[0]:.2f}x the time per image of its matched vqvae")
 
 
 if __name__ == "__main__":
