@@ -250,20 +250,10 @@ def test_bad_config_is_refused():
         Model(small_config(init="zeros"))
 
 
-def test_model_learns_a_batch():
+def test_model_learns_a_batch(overfit):
     torch.manual_seed(0)
-    model = Model(small_config())
-    shapes = data.get_dataset("shapes", "train", image_size=16)
-    x = torch.stack([shapes[i] for i in range(8)])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(100):
-        _, loss, stats = model(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        first = first if first is not None else float(stats["recon"])
-    assert float(stats["recon"]) < 0.5 * first
+    first, last = overfit(Model(small_config()))
+    assert last < 0.5 * first
 
 
 def test_presets_name_known_datasets():
