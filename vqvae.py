@@ -225,7 +225,7 @@ class VectorQuantizer(nn.Module):
         p = counts.view(self.groups, -1)
         p = p / p.sum(1, keepdim=True)
         stats = {"commit": commit.detach(),
-                 # of this batch, averaged over groups (a lower bound of the perplexity over a whole split)
+                 # of this batch, averaged over groups (usually below the perplexity over a whole split)
                  "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum(1)).mean(),
                  "code_usage": (counts > 0).float().mean()}
         return z_q.reshape(shape), self._shape_codes(codes, shape), loss, stats
@@ -417,8 +417,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> codes (B, h, w), or (B, h, w, G) with groups. Use in eval mode (training mode would
-        update the codebook)."""
+        """(B, C, H, W) -> codes (B, h, w), or (B, h, w, G) with groups. The codebook is left as it is."""
         return self.quantizer.encode(self._latents(x))
 
     @torch.no_grad()

@@ -179,7 +179,7 @@ class VectorQuantizer(nn.Module):
                 self._update(z.detach(), codes, counts)
         p = counts / counts.sum()
         stats = {"commit": commit.detach(),
-                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch (a lower bound)
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch only
                  "code_usage": (counts > 0).float().mean()}
         return z_q.reshape(shape), codes.reshape(shape[:-1]), loss, stats
 
@@ -375,8 +375,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> (top codes (B, Ht, Wt), bottom codes (B, Hb, Wb)). Use in eval mode (training mode would
-        update the codebooks)."""
+        """(B, C, H, W) -> (top codes (B, Ht, Wt), bottom codes (B, Hb, Wb)). The codebooks are left as they are."""
         _, top, _, bottom = self._encode(x)
         return top, bottom
 
