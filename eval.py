@@ -18,7 +18,11 @@ For each codebook (named by the model: "vq", or "top" / "bottom", ...):
   pr              participation ratio (sum l)^2 / sum l^2 of the same spectra
   waterfill_dim   the number of latent dimensions that reverse water-filling gives bits at rate log2 K
 For models that can decode from part of their codes (model.partial_decodes(x) -> {name: x_hat}, e.g. the first n
-groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse".
+groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse", and a
+PNG strip of the first batch: inputs on top, then one row per partial reconstruction in the model's order.
+For models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g. pqvae's ordered
+codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
+the mse with all codes (how much that position carries: large for early codes when codes are ordered).
 """
 
 import argparse
@@ -112,17 +116,20 @@ def codebook_metrics(counts, latents, codebook):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000):
+def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000, diagnostics=False):
     """Run `model` (in eval mode) over `loader`; returns a flat dict of the metrics in the module docstring, plus the
     first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use about
-    `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed."""
+    `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed. With `diagnostics`, also the
+    costlier code ablation (one decode per position) and, under "_strip", the rows of partial reconstructions of the
+    first batch for save_rows (eval.py's main asks for them; validation during training does not)."""
     n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     picker = torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
     mse_sum = n_images = 0.0
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
-    per_image_psnr, counts, latents, codebooks, partial_sse, grid = [], {}, {}, {}, {}, None
+    per_image_psnr, counts, latents, codebooks, partial_sse, grid, strip = [], {}, {}, {}, {}, None, None
+    ablation_sse = {}  # position -> summed increase of the per-image mse when that code is left out
     for i, x in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -131,9 +138,12 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             x_hat = model(x)[0]
             views = model.latents(x)  # {name: (codebook (K, D), z (N, D), codes (N,))}
             partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
+            ablated = model.code_ablation(x) if diagnostics and hasattr(model, "code_ablation") else {}
         for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
             partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
         mse = per_image_mse(x, x_hat).double()  # (B,)
+        for pos, x_abl in ablated.items():
+            ablation_sse[pos] = ablation_sse.get(pos, 0.0) + float((per_image_mse(x, x_abl).double() - mse).sum())
         mse_sum, n_images = mse_sum + float(mse.sum()), n_images + x.shape[0]
         per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
         x01 = (x.double() + 1) / 2
@@ -147,6 +157,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             latents.setdefault(name, []).append(z.cpu()[rows].float())
         if grid is None:
             grid = (x.cpu(), x_hat.float().cpu())
+            strip = [x.cpu()] + [x_part.float().cpu() for x_part in partial.values()] if partial else None
     if not n_images:
         raise ValueError("evaluate: the loader gave no batches")
     model.train(was_training)
@@ -161,16 +172,26 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     for name, sse in partial_sse.items():
         out[f"{name}/mse"] = sse / n_images
         out[f"{name}/psnr"] = psnr(sse / n_images)
+    if ablation_sse:
+        positions = sorted(ablation_sse)
+        out["code_ablation/positions"] = positions
+        out["code_ablation/mse_increase"] = [ablation_sse[p] / n_images for p in positions]
     out["_grid"] = grid
+    if diagnostics:
+        out["_strip"] = strip
     return out
 
 
 def save_grid(x, x_hat, path, n=8):
     """A PNG with the first n inputs on the top row and their reconstructions below; images in [-1, 1]."""
-    rows = [x[:n], x_hat[:n]]
-    rows = [((r.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]  # (n, C, H, W)
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (C, 2H, nW)
-    grid = grid.permute(1, 2, 0).numpy()  # (2H, nW, C)
+    save_rows([x, x_hat], path, n)
+
+
+def save_rows(rows, path, n=8):
+    """A PNG with one row per batch of images in `rows` (each (B, C, H, W) in [-1, 1]), the first n of each."""
+    rows = [((r[:n].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8) for r in rows]  # (n, C, H, W)
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (C, rows * H, nW)
+    grid = grid.permute(1, 2, 0).numpy()  # (rows * H, nW, C)
     if grid.shape[2] == 1:
         grid = grid[:, :, 0]
     tmp = path + ".tmp.png"
@@ -184,6 +205,8 @@ def format_table(metrics):
     for key, value in metrics.items():
         if key.startswith("_"):
             continue
+        if isinstance(value, list):  # per-position values: one compact line
+            value = " ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value)
         lines.append(f"{key:<28} {value:.6g}" if isinstance(value, float) else f"{key:<28} {value}")
     return "\n".join(lines)
 
@@ -219,6 +242,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write the metrics here (default: next to the checkpoint)")
     p.add_argument("--grid", default=None, help="reconstruction grid PNG (default: next to the checkpoint)")
+    p.add_argument("--strip", default=None, help="partial reconstructions PNG, for models with partial_decodes "
+                   "(default: next to the checkpoint)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -230,12 +255,17 @@ def main(argv=None):
     except data.DataError as err:
         raise SystemExit(f"eval.py: {err}") from err
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
-    metrics = evaluate(model, loader, device, max_batches=args.max_batches)
+    metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True)
 
     stem = os.path.splitext(args.ckpt)[0]
     grid_path = args.grid or f"{stem}_{args.split}_recon.png"
     json_path = args.json or f"{stem}_{args.split}_metrics.json"
     save_grid(*metrics.pop("_grid"), grid_path)
+    strip = metrics.pop("_strip")
+    if strip:
+        strip_path = args.strip or f"{stem}_{args.split}_partial.png"
+        save_rows(strip, strip_path)
+        print(f"wrote {strip_path}: inputs, then the partial reconstructions in order")
     print(f"{tcfg['model']} on {tcfg['dataset']} ({args.split}, {metrics['images']} images), step {ckpt['step']}")
     print(format_table(metrics))
     with open(json_path, "w") as f:
