@@ -30,9 +30,11 @@ and, when the Model has them, these hooks:
                               its stats are logged with an `aux_` prefix.
 
 Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
-written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind. A non-finite loss
-stops the run with a message and leaves the last good checkpoint untouched. SIGINT or SIGTERM finish the current
-step, save and exit (a second Ctrl-C quits at once).
+written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind, and before any
+validation. A resumed run continues with the same data order and equals an uninterrupted one; a new run will not
+replace an existing checkpoint without --overwrite. A non-finite loss or gradient stops the run with a message and
+leaves the last good checkpoint untouched. SIGINT or SIGTERM finish the current step, save and exit (a second Ctrl-C
+quits at once).
 """
 
 import contextlib
