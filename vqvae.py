@@ -219,9 +219,9 @@ class VectorQuantizer(nn.Module):
             if keep is not None:
                 z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
 
-            counts, sums = self._counts_and_sums(z.detach(), codes)  # (G*K,), (K, D): this rank's batch
+            counts = self._counts(codes)  # (G*K,), this rank's batch
             if self.training:  # quantize and compute losses first, then update the codebook
-                self._update(z.detach(), counts, sums)
+                self._update(z.detach(), codes, counts)
         p = counts.view(self.groups, -1)
         p = p / p.sum(1, keepdim=True)
         stats = {"commit": commit.detach(),
@@ -237,23 +237,29 @@ class VectorQuantizer(nn.Module):
             return F.mse_loss(a, b)
         return ((a - b) ** 2 * keep).sum() / (a.shape[0] * keep.sum())
 
-    def _counts_and_sums(self, z, codes):
-        """Assignments of z (N, D) to codes (N, G): counts (G*K,) and sums of assigned parts (K, D), in the
-        codebook's layout. One bincount and one index_add_ for all groups (code k of group g is row g*K + k)."""
+    def _flat(self, codes):
+        """codes (N, G) -> (G*N,) rows of the (G*K,) counts, group by group: code k of group g is row g*K + k."""
+        offsets = torch.arange(self.groups, device=codes.device) * self.codebook_size
+        return (codes + offsets).t().reshape(-1)
+
+    def _counts(self, codes):
+        """Assignments per code of each group: (G*K,), one bincount for all groups."""
+        return torch.bincount(self._flat(codes), minlength=self.groups * self.codebook_size).float()
+
+    def _sums(self, z, codes):
+        """Sums of the parts of z (N, D) assigned to each code, (K, D) in the codebook's layout: one index_add_."""
         K, G = self.codebook_size, self.groups
-        flat = (codes + torch.arange(G, device=codes.device) * K).t().reshape(-1)  # (G*N,), group by group
-        counts = torch.bincount(flat, minlength=G * K).float()
-        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the same order as flat
-        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, flat, parts)  # (G*K, d)
-        return counts, sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
+        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the order of _flat
+        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, self._flat(codes), parts)
+        return sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
 
     # -- codebook updates (training mode only; every rank runs the same collectives) ---------------------------------
 
     @torch.no_grad()
-    def _update(self, z, counts, sums):
+    def _update(self, z, codes, counts):
         counts = self._all_reduce(counts.clone())  # (G*K,) over all ranks
-        if self.ema:
-            self._all_reduce(sums)
+        if self.ema:  # the sums are needed only here: evaluation and a learned codebook skip them
+            sums = self._all_reduce(self._sums(z, codes))  # (K, D)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             # Laplace smoothing keeps an unused code's count above zero so the division is safe
@@ -295,8 +301,8 @@ class VectorQuantizer(nn.Module):
         codebook = z[idx].clone()  # (K, D)
         if self.init == "kmeans":  # Lloyd's iterations, every group at once
             for _ in range(self.kmeans_iters):
-                counts, sums = self._counts_and_sums(z, self.nearest(z, codebook))
-                counts = self._per_dim(counts)  # (K, D)
+                codes = self.nearest(z, codebook)
+                counts, sums = self._per_dim(self._counts(codes)), self._sums(z, codes)  # (K, D) each
                 # an empty cluster keeps its previous centre
                 codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
         self._broadcast(codebook)
