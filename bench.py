@@ -136,7 +136,7 @@ def main():
     p.add_argument("--matched", action="store_true", help="with --model vqvae2: also time its capacity-matched vqvae")
     args, train_argv = p.parse_known_args()
     tcfg, _, _, _ = train.resolve_config(train_argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tcfg.device == "auto" else tcfg.device)
+    device = torch.device(train.device_name(tcfg))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
     if not args.train_only:

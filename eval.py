@@ -26,11 +26,9 @@ the mse with all codes (how much that position carries: large for early codes wh
 """
 
 import argparse
-import importlib
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -215,16 +213,21 @@ def format_table(metrics):
 # Loading a checkpoint written by train.py
 
 
+def read_checkpoint(path):
+    """A checkpoint written by train.py, loaded on the CPU (weights only), or a clear exit naming the file."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which file, not a pickle traceback
+        raise SystemExit(f"cannot read checkpoint {path}: {err}") from err
+
+
 def load_model(path, device="cpu"):
     """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"eval.py: no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which file, not a pickle traceback
-        raise SystemExit(f"eval.py: cannot read checkpoint {path}: {err}") from err
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    module = importlib.import_module(ckpt["train_config"]["model"])
+    import train  # here, not at the top: train.py imports this file
+    ckpt = read_checkpoint(path)
+    module = train.import_model(ckpt["train_config"]["model"])
     model = module.Model(module.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -181,7 +181,7 @@ def resolve_config(argv):
     tcfg = TrainConfig(**early)
     ckpt = None
     if tcfg.resume:
-        ckpt = load_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
+        ckpt = evaluation.read_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
         if early.get("model", ckpt["train_config"]["model"]) != ckpt["train_config"]["model"]:
             raise SystemExit(f"train.py: --resume: the checkpoint is a {ckpt['train_config']['model']} model")
         tcfg = TrainConfig(**{**ckpt["train_config"], **early})
@@ -270,27 +270,22 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """Loaded on the CPU; load_state_dict moves each tensor to where its model or optimizer lives."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"train.py: --resume: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise SystemExit(f"train.py: --resume: cannot read checkpoint {path}: {err}") from err
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+def device_name(tcfg):
+    """--device, with "auto" meaning cuda when present, else cpu."""
+    if tcfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return tcfg.device
 
 
 def setup_device(tcfg):
     """Returns (device, rank, world_size). Starts a process group when launched by torchrun."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    name = tcfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_name(tcfg)
     if ddp and name == "cuda":
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     device = torch.device(name)
