@@ -23,6 +23,9 @@ PNG strip of the first batch: inputs on top, then one row per partial reconstruc
 For models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g. pqvae's ordered
 codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
 the mse with all codes (how much that position carries: large for early codes when codes are ordered).
+For models with measurements of their own (model.eval_stats(x) -> {name: scalar tensor}, each a mean over the batch,
+e.g. how often adaptive_vq chooses each codebook), the split's mean of each, weighted by batch size, under its name.
+The hook runs under torch.no_grad(); a model that needs gradients for a measurement enables them itself.
 """
 
 import argparse
@@ -128,6 +131,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
     per_image_psnr, counts, latents, codebooks, partial_sse, grid, strip = [], {}, {}, {}, {}, None, None
     ablation_sse = {}  # position -> summed increase of the per-image mse when that code is left out
+    stat_sums = {}  # name -> sum over batches of (the model's own batch-mean measurement) x (batch size)
     for i, x in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -137,6 +141,9 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             views = model.latents(x)  # {name: (codebook (K, D), z (N, D), codes (N,))}
             partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
             ablated = model.code_ablation(x) if diagnostics and hasattr(model, "code_ablation") else {}
+            own = model.eval_stats(x) if hasattr(model, "eval_stats") else {}
+        for name, value in own.items():
+            stat_sums[name] = stat_sums.get(name, 0.0) + float(value) * x.shape[0]
         for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
             partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
         mse = per_image_mse(x, x_hat).double()  # (B,)
@@ -170,6 +177,8 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     for name, sse in partial_sse.items():
         out[f"{name}/mse"] = sse / n_images
         out[f"{name}/psnr"] = psnr(sse / n_images)
+    for name, total in stat_sums.items():
+        out[name] = total / n_images
     if ablation_sse:
         positions = sorted(ablation_sse)
         out["code_ablation/positions"] = positions

@@ -115,6 +115,20 @@ def test_evaluate_global_and_per_image_psnr_and_mean_image_baseline():
     assert out["images"] == 6
 
 
+class ModelWithStats(FixedModel):
+    """FixedModel plus eval_stats: per-batch means whose split average is known."""
+
+    def eval_stats(self, x):
+        return {"choice/a": x.mean(), "grad_gap": torch.tensor(float(x.shape[0]))}
+
+
+def test_evaluate_averages_eval_stats_over_images_not_batches():
+    x = torch.cat([torch.full((4, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)])
+    out = ev.evaluate(ModelWithStats(torch.zeros(6)), [x[:4], x[4:]], torch.device("cpu"))
+    assert out["choice/a"] == pytest.approx((4 * 0.5 + 2 * -1.0) / 6)  # 0.0; the mean of batch means is -0.25
+    assert out["grad_gap"] == pytest.approx((4 * 4 + 2 * 2) / 6)
+
+
 def test_save_grid_writes_inputs_above_reconstructions(tmp_path):
     x = -torch.ones(2, 3, 4, 4)
     x_hat = torch.ones(2, 3, 4, 4)
