@@ -126,6 +126,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(groups * codebook_size))  # assignments in this dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
         self.register_buffer("initialized", torch.tensor(init == "random"))
+        # Host copies of `initialized` and `window_step`, so that a training step reads no value back from the device
+        # (on a GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth
+        # for checkpoints; the copies are read from them at the first training step after construction or loading.
+        self._host_initialized = self._host_window_step = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
 
     # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
     @staticmethod
@@ -202,7 +210,9 @@ class VectorQuantizer(nn.Module):
         shape = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
             z = z.float().reshape(-1, self.dim)  # (N, D)
-            if self.training and not self.initialized:
+            if self.training and self._host_initialized is None:  # once after construction or loading
+                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
+            if self.training and not self._host_initialized:
                 self._init_codebook(z.detach())
             codes = self.nearest(z)  # (N, G)
             e = self._lookup(codes)  # (N, D)
@@ -243,8 +253,12 @@ class VectorQuantizer(nn.Module):
         return (codes + offsets).t().reshape(-1)
 
     def _counts(self, codes):
-        """Assignments per code of each group: (G*K,), one bincount for all groups."""
-        return torch.bincount(self._flat(codes), minlength=self.groups * self.codebook_size).float()
+        """Assignments per code of each group: (G*K,), all groups at once. An index_add_ of ones rather than
+        torch.bincount, which on a GPU reads the largest index back to the host; sums of ones are exact in float32
+        (up to 2^24 per code), so the order of the GPU's atomic adds cannot change the result."""
+        flat = self._flat(codes)
+        ones = torch.ones(flat.shape[0], device=codes.device)
+        return torch.zeros(self.groups * self.codebook_size, device=codes.device).index_add_(0, flat, ones)
 
     def _sums(self, z, codes):
         """Sums of the parts of z (N, D) assigned to each code, (K, D) in the codebook's layout: one index_add_."""
@@ -270,7 +284,8 @@ class VectorQuantizer(nn.Module):
         if self.dead_code_threshold > 0:
             self.usage.add_(counts)
             self.window_step.add_(1)
-            if self.window_step >= self.dead_code_window:
+            self._host_window_step += 1
+            if self._host_window_step >= self.dead_code_window:
                 self._reset_dead_codes(z)
 
     @torch.no_grad()
@@ -289,6 +304,7 @@ class VectorQuantizer(nn.Module):
         self.ema_count.masked_fill_(dead, 1.0)
         self.usage.zero_()
         self.window_step.zero_()
+        self._host_window_step = 0
 
     @torch.no_grad()
     def _init_codebook(self, z):
@@ -310,6 +326,7 @@ class VectorQuantizer(nn.Module):
         self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
+        self._host_initialized = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------

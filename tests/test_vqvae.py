@@ -166,6 +166,44 @@ def test_dead_codes_move_onto_batch_vectors_and_their_ema_is_reset():
     assert torch.allclose(vq.codebook[2:], moved, atol=1e-3)
 
 
+def test_the_dead_code_window_survives_a_state_dict_round_trip():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
+    with torch.no_grad():
+        vq.codebook[2:] = 100.0
+        vq.ema_sum[2:] = 100.0
+    z = torch.rand(32, 2)
+    vq(z), vq(z)  # two batches of the window of three
+    fresh = VectorQuantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
+    fresh(z)  # its own window has started: loading must replace that position, not add to it
+    fresh.load_state_dict(vq.state_dict())
+    assert fresh.window_step == 2
+    fresh(z)  # the third batch of the restored window: codes 2 and 3 are reset now, as in the original
+    assert fresh.window_step == 0 and (fresh.codebook[2:] < 1.5).all()
+
+
+def hostile_to_host_reads(monkeypatch):
+    """Make every Python-level read of a tensor's value fail: on a GPU each one (if t:, t.item(), int(t), ...) waits
+    for all queued kernels, a host-device synchronisation."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+    for name in ("__bool__", "item", "__int__", "__float__", "__index__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(groups=2, group_mask_probs=(0.0, 0.5))])
+def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(monkeypatch, kw):
+    torch.manual_seed(0)
+    model = Model(small_config(dead_code_window=2, **kw))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    model(x)[1].backward()  # the first step initialises the codebook (k-means: reads on the host are fine there)
+    hostile_to_host_reads(monkeypatch)
+    for _ in range(4):  # EMA updates and two dead-code resets
+        model(x)[1].backward()
+    monkeypatch.undo()
+    assert model.quantizer.window_step == 1  # 5 batches in windows of 2: the steps ran, with their resets
+
+
 def test_threshold_zero_disables_dead_code_reset():
     vq = VectorQuantizer(4, 2, init="random", dead_code_threshold=0, dead_code_window=1)
     with torch.no_grad():
