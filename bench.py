@@ -63,25 +63,98 @@ class PeakMemory:
         raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def bench_quantizer(N, K, D, device, repeat):
-    """Mean seconds and peak extra bytes of one training-mode forward+backward (EMA update and dead-code bookkeeping
-    included), after a first call that initialises the codebook from the batch."""
-    torch.manual_seed(0)
-    vq = VectorQuantizer(K, D, init="data").to(device)  # "data": a k-means init at K = 65,536 would dominate
-    z = torch.randn(N, D, device=device, requires_grad=True)
-    vq(z)  # initialisation and warm-up
+def measure(call, device, repeat):
+    """Mean seconds and peak extra bytes of `repeat` calls of call() (a forward+backward), after one untimed call
+    (which initialises a codebook from the batch and warms up the allocator)."""
+    call()
     times, peak = [], 0
     for _ in range(repeat):
         with PeakMemory(device) as mem:
             sync(device)
             t0 = time.perf_counter()
-            z_q, codes, loss, _ = vq(z)
-            (z_q.sum() + loss).backward()
+            call()
             sync(device)
             times.append(time.perf_counter() - t0)
         peak = max(peak, mem.peak)
-        z.grad = None
     return sum(times) / len(times), peak
+
+
+def ours(N, K, D, device, init="kmeans"):
+    """Our VectorQuantizer at the settings the comparison matches, and a call doing one training forward+backward
+    (EMA update and dead-code bookkeeping included) on N random vectors."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(K, D, beta=0.25, decay=0.99, init=init, kmeans_iters=10, dead_code_threshold=2).to(device)
+    z = torch.randn(N, D, device=device, requires_grad=True)
+
+    def call():
+        z_q, _, loss, _ = vq(z)
+        (z_q.sum() + loss).backward()
+        z.grad = None
+    return vq, z, call
+
+
+def peer(K, D, z, device):
+    """vector-quantize-pytorch's VectorQuantize at the same settings (EMA decay, commitment weight, k-means init with
+    10 iterations, dead-code threshold 2, the plain straight-through estimator rather than its default rotation
+    trick), with the same kind of call, or None when that package is not installed: it is only ever compared with,
+    never needed. Its dead-code rule differs in kind: a code is dead when the EMA of its count falls under 2, ours
+    when it is used fewer than 2 times in 10 batches."""
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None, None
+    torch.manual_seed(0)
+    vq = VectorQuantize(dim=D, codebook_size=K, decay=0.99, commitment_weight=0.25, kmeans_init=True,
+                        kmeans_iters=10, threshold_ema_dead_code=2, rotation_trick=False).to(device)
+    z = z.detach()[None].clone().requires_grad_()  # (1, N, D): it takes (batch, sequence, dim)
+
+    def call():
+        z_q, _, loss = vq(z)
+        (z_q.sum() + loss).backward()
+        z.grad = None
+    return vq, call
+
+
+@torch.no_grad()
+def same_codes(vq, other, z, rows=4096):
+    """The fraction of the first `rows` vectors of z for which the two quantizers, both in eval mode and holding our
+    codebook, pick the same code (its eval forward builds a rows x K distance matrix, hence only some rows)."""
+    other._codebook.embed.copy_(vq.codebook[None])
+    other._codebook.initted.fill_(True)
+    vq.eval(), other.eval()
+    z = z[:rows].detach()
+    return float((vq.encode(z) == other(z[None])[1][0]).float().mean())
+
+
+def limit_memory(gib):
+    """Cap this process's address space at its current size plus `gib` GiB (Linux), so that a quantizer that needs
+    more raises an out-of-memory error here instead of drawing the whole machine into swap or the OOM killer."""
+    import resource
+    with open("/proc/self/status") as f:
+        vm_size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size + int(gib * 2 ** 30), resource.RLIM_INFINITY))
+
+
+def compare_quantizers(sizes, device, repeat):
+    """Time and peak memory of ours and, when installed, of vector-quantize-pytorch's, size by size in turn."""
+    print(f"{'N':>6} {'K':>6} {'D':>3}  {'ours ms':>8} {'MiB':>6}  {'peer ms':>8} {'MiB':>6}  "
+          f"{'speed-up':>8} {'mem ratio':>9}  same codes")
+    for N, K, D in sizes:
+        vq, z, call = ours(N, K, D, device)
+        seconds, peak = measure(call, device, repeat)
+        line = f"{N:>6} {K:>6} {D:>3}  {seconds * 1e3:>8.1f} {peak / 2 ** 20:>6.0f}"
+        other, other_call = peer(K, D, z, device)
+        if other is None:
+            print(line + "  (vector-quantize-pytorch not installed)", flush=True)
+            continue
+        try:
+            other_seconds, other_peak = measure(other_call, device, repeat)
+        except RuntimeError as err:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
+            print(line + f"  peer failed: {str(err).splitlines()[0][:70]}", flush=True)
+            continue
+        agree = same_codes(vq, other, z)
+        print(line + f"  {other_seconds * 1e3:>8.1f} {other_peak / 2 ** 20:>6.0f}  {other_seconds / seconds:>7.1f}x "
+              f"{other_peak / max(peak, 1):>8.1f}x  {agree:.4%}", flush=True)
 
 
 def bench_training(argv, steps, device):
@@ -130,6 +203,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quantizer", action="append", default=None, metavar="N,K,D", help="quantizer size to time")
     p.add_argument("--repeat", type=int, default=3, help="timed quantizer calls per size")
+    p.add_argument("--memory_limit_gib", type=float, default=12, help="CPU: cap on extra memory; 0 for none")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--quantizer_only", action="store_true")
     p.add_argument("--train_only", action="store_true")
@@ -141,10 +215,9 @@ def main():
 
     if not args.train_only:
         sizes = [tuple(int(v) for v in s.split(",")) for s in args.quantizer] if args.quantizer else DEFAULT_SIZES
-        print(f"{'N':>8} {'K':>8} {'D':>4}  {'fwd+bwd ms':>10}  {'peak extra MiB':>14}")
-        for N, K, D in sizes:
-            seconds, peak = bench_quantizer(N, K, D, device, args.repeat)
-            print(f"{N:>8} {K:>8} {D:>4}  {seconds * 1e3:>10.1f}  {peak / 2 ** 20:>14.1f}", flush=True)
+        if device.type == "cpu" and args.memory_limit_gib > 0:
+            limit_memory(args.memory_limit_gib)
+        compare_quantizers(sizes, device, args.repeat)
     if not args.quantizer_only:
         rates = []
         for argv in [train_argv] + ([matched_argv(train_argv)] if args.matched else []):
