@@ -344,7 +344,9 @@ class Model(nn.Module):
         recon = F.mse_loss(x_hat.float(), x.float())
         ent = entropy_term(q)
         with torch.no_grad():
-            counts = torch.bincount(codes.flatten(), minlength=self.cfg.codebook_size).float()
+            # index_add_, not bincount: on a GPU bincount reads the largest index back to the host
+            counts = torch.zeros(self.cfg.codebook_size, device=codes.device).index_add_(
+                0, codes.flatten(), torch.ones(codes.numel(), device=codes.device))
             p = counts / counts.sum()
             stats = {"recon": recon.detach(), "entropy": ent.detach(),
                      "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch

@@ -113,6 +113,14 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in the current dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
         self.register_buffer("initialized", torch.tensor(init == "random"))
+        # Host copies of `initialized` and `window_step`, so that a training step reads no value back from the device
+        # (on a GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth
+        # for checkpoints; the copies are read from them at the first training step after construction or loading.
+        self._host_initialized = self._host_window_step = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
 
     # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
     @staticmethod
@@ -160,7 +168,9 @@ class VectorQuantizer(nn.Module):
         shape = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
             z = z.float().reshape(-1, self.dim)  # (N, D)
-            if self.training and not self.initialized:
+            if self.training and self._host_initialized is None:  # once after construction or loading
+                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
+            if self.training and not self._host_initialized:
                 self._init_codebook(z.detach())
             codes = self.nearest(z)  # (N,)
             e = self.codebook[codes]  # (N, D); indexing, not a one-hot matmul
@@ -174,7 +184,7 @@ class VectorQuantizer(nn.Module):
             # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged, none to e
             z_q = e.detach() + (z - z.detach())
 
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,) this rank's batch
+            counts = self._counts(codes)  # (K,) this rank's batch
             if self.training:  # quantize and compute losses first, then update the codebook
                 self._update(z.detach(), codes, counts)
         p = counts / counts.sum()
@@ -186,6 +196,13 @@ class VectorQuantizer(nn.Module):
     def lookup(self, codes):
         """codes (...) -> code vectors (..., D)."""
         return self.codebook[codes]
+
+    def _counts(self, codes):
+        """Assignments per code, (K,). An index_add_ of ones rather than torch.bincount, which on a GPU reads the
+        largest index back to the host; sums of ones are exact in float32 (up to 2^24 per code), so the order of the
+        GPU's atomic adds cannot change the result."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
 
     # -- codebook updates (training mode only; every rank runs the same collectives) ---------------------------------
 
@@ -204,7 +221,8 @@ class VectorQuantizer(nn.Module):
         if self.dead_code_threshold > 0:
             self.usage.add_(counts)
             self.window_step.add_(1)
-            if self.window_step >= self.dead_code_window:
+            self._host_window_step += 1
+            if self._host_window_step >= self.dead_code_window:
                 self._reset_dead_codes(z)
 
     @torch.no_grad()
@@ -222,6 +240,7 @@ class VectorQuantizer(nn.Module):
         self.ema_count.masked_fill_(dead, 1.0)
         self.usage.zero_()
         self.window_step.zero_()
+        self._host_window_step = 0
 
     @torch.no_grad()
     def _init_codebook(self, z):
@@ -235,7 +254,7 @@ class VectorQuantizer(nn.Module):
         if self.init == "kmeans":
             for _ in range(self.kmeans_iters):
                 codes = self.nearest(z, codebook)
-                counts = torch.bincount(codes, minlength=self.codebook_size).float()
+                counts = self._counts(codes)
                 sums = torch.zeros_like(codebook).index_add_(0, codes, z)
                 # an empty cluster keeps its previous centre
                 codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
@@ -244,6 +263,7 @@ class VectorQuantizer(nn.Module):
         self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
+        self._host_initialized = True
 
 
 

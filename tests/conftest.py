@@ -27,3 +27,23 @@ def overfit():
             recons.append(float(stats["recon"]))
         return recons[0], recons[-1]
     return run
+
+
+@pytest.fixture
+def steps_without_host_reads(monkeypatch):
+    """steps_without_host_reads(model, x, steps): one training step (forward, backward), then `steps` more during
+    which every Python-level read of a tensor's value fails. On a GPU each such read (if t:, t.item(), int(t), ...)
+    waits for all queued kernels: a host-device synchronisation in the hot path. The first step may read (a
+    codebook's initialisation)."""
+    def run(model, x, steps):
+        model.train()
+        model(x)[1].backward()
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("a tensor's value was read on the host during a training step")
+        with monkeypatch.context() as m:
+            for name in ("__bool__", "item", "__int__", "__float__", "__index__", "tolist"):
+                m.setattr(torch.Tensor, name, refuse)
+            for _ in range(steps):
+                model(x)[1].backward()
+    return run

@@ -22,6 +22,15 @@ def small_config(**kw):
     return Config(**{**base, **kw})
 
 
+@pytest.mark.parametrize("tail_dropout", [False, True])
+def test_training_steps_read_no_tensor_value_on_the_host(steps_without_host_reads, tail_dropout):
+    torch.manual_seed(0)
+    model = Model(small_config(tail_dropout=tail_dropout))
+    model.set_step(10)
+    steps_without_host_reads(model, torch.rand(4, 3, 16, 16) * 2 - 1, steps=2)
+    assert all(torch.isfinite(p.grad).all() for p in model.encoder.parameters())  # the steps ran to the end
+
+
 def test_partition_then_unpartition_is_the_identity():
     for shape, n in (((2, 3, 8, 8), 8), ((1, 5, 16, 16), 8), ((2, 4, 32, 16), 8), ((1, 1, 8, 8), 4)):
         f = torch.randn(shape)
