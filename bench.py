@@ -1,14 +1,17 @@
 """
-Benchmarks that print numbers: the quantizer's forward+backward time and peak extra memory at given (N, K, D), and a
-model's training throughput in images/s, on the current device.
+Benchmarks that print numbers: the quantizer's forward+backward time and peak extra memory at given (N, K, D), next
+to vector-quantize-pytorch's at matched settings when that package is installed; a model's training throughput in
+images/s and the share of its step spent in the quantizer; the data loader's throughput. On the current device.
 
   python bench.py                                        # default quantizer sizes, then vqvae training throughput
   python bench.py --quantizer 65536,65536,8              # one quantizer size: N vectors, K codes, D dims (repeatable)
   python bench.py --train_only --model vqvae --dataset celeba --batch_size 128 --dtype bfloat16 [--compile]
   python bench.py --train_only --model vqvae2 --dataset mnist --matched   # vqvae2 and its capacity-matched vqvae
+  python bench.py --loading 0,2,4 --dataset celeba --data_dir DIR        # images/s of the loader, per worker count
 
 Every flag that is not bench.py's own is a train.py setting (model, dataset, any Config field), resolved as train.py
-resolves it. Training throughput uses random batches of the dataset's shape: it measures the model, not data loading.
+resolves it. Training throughput uses random batches of the dataset's shape: it measures the model, not data loading,
+which --loading measures on its own; loading keeps up when its images/s exceed the training step's.
 Peak extra memory is the peak above what was allocated before the step: on CUDA from the caching allocator's
 counters, on CPU from the process's peak resident memory (Linux /proc; the figure includes the allocator's slack).
 """
@@ -178,13 +181,62 @@ def bench_training(argv, steps, device):
 
     for _ in range(3):  # warm-up: data init, compilation, allocator
         one_step()
+    seconds = timed(one_step, steps, device)
+    share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
+    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share
+
+
+def timed(call, repeat, device):
+    """Seconds for `repeat` calls of call(), the device's queue drained before and after."""
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
+    for _ in range(repeat):
+        call()
     sync(device)
-    seconds = time.perf_counter() - t0
-    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds
+    return time.perf_counter() - t0
+
+
+def quantizer_replay(model, one_step, autocast):
+    """A call that runs forward+backward of the model's quantizers alone (the outermost modules whose class name ends
+    in "Quantizer"), on copies of the inputs they received in one training step: timed against the whole step, the
+    share of the step spent quantizing."""
+    quantizers, inside = [], ()
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Quantizer") and not name.startswith(inside):
+            quantizers.append(module)
+            inside += (name + ".",)  # its own sub-quantizers, if any, are part of it
+    captured = []
+    def keep(q, args):
+        captured.append((q, [a.detach().clone() if torch.is_tensor(a) else a for a in args]))
+    hooks = [q.register_forward_pre_hook(keep) for q in quantizers]
+    one_step()
+    for hook in hooks:
+        hook.remove()
+
+    def replay():
+        for q, args in captured:
+            args = [a.clone().requires_grad_(a.is_floating_point()) if torch.is_tensor(a) else a for a in args]
+            with autocast:
+                out = q(*args)
+            out = out if isinstance(out, (tuple, list)) else [out]
+            sum(t.float().sum() for t in out if torch.is_tensor(t) and t.requires_grad).backward()
+    return replay
+
+
+def bench_loading(argv, batches, workers):
+    """Images per second that train.py's training loader delivers (reading, decoding, resizing, batching), for each
+    number of DataLoader workers, on the dataset and data_dir of the train.py settings."""
+    for n in workers:
+        tcfg, mcfg, _, _ = train.resolve_config(argv + ["--num_workers", str(n)])
+        loader, _, sampler = train.make_loaders(tcfg, mcfg, torch.device("cpu"), 0, 1)
+        stream = train.batches(loader, sampler, tcfg.batch_size, 0)
+        next(stream)  # workers started, files opened
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        rate = batches * tcfg.batch_size / (time.perf_counter() - t0)
+        print(f"load {tcfg.dataset} ({mcfg.in_channels}x{mcfg.image_size}x{mcfg.image_size}), batch "
+              f"{tcfg.batch_size}, {n} workers: {rate:.0f} images/s", flush=True)
 
 
 def matched_argv(argv):
@@ -207,11 +259,17 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--quantizer_only", action="store_true")
     p.add_argument("--train_only", action="store_true")
+    p.add_argument("--loading", default=None, metavar="W,W,...", help="instead: time train.py's training loader "
+                   "on the dataset and data_dir given, with each of these numbers of workers")
+    p.add_argument("--batches", type=int, default=50, help="timed batches per loader")
     p.add_argument("--matched", action="store_true", help="with --model vqvae2: also time its capacity-matched vqvae")
     args, train_argv = p.parse_known_args()
     tcfg, _, _, _ = train.resolve_config(train_argv)
     device = torch.device(train.device_name(tcfg))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    if args.loading:
+        bench_loading(train_argv, args.batches, [int(w) for w in args.loading.split(",")])
+        return
 
     if not args.train_only:
         sizes = [tuple(int(v) for v in s.split(",")) for s in args.quantizer] if args.quantizer else DEFAULT_SIZES
@@ -221,10 +279,11 @@ def main():
     if not args.quantizer_only:
         rates = []
         for argv in [train_argv] + ([matched_argv(train_argv)] if args.matched else []):
-            tcfg, mcfg, dtype, images_per_s = bench_training(argv, args.steps, device)
+            tcfg, mcfg, dtype, images_per_s, share = bench_training(argv, args.steps, device)
             print(f"train {tcfg.model} on {tcfg.dataset}-shaped batches ({mcfg.in_channels}x{mcfg.image_size}x"
                   f"{mcfg.image_size}), batch {tcfg.batch_size}, {str(dtype).replace('torch.', '')}"
-                  f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s", flush=True)
+                  f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s, "
+                  f"{share:.1%} of the step in the quantizer", flush=True)
             rates.append(images_per_s)
         if args.matched:
             print(f"vqvae2 takes {rates[1] / rates[0]:.2f}x the time per image of its matched vqvae")

@@ -1,0 +1,30 @@
+"""bench.py's measuring pieces on tiny sizes: they run the code they claim to time (no timing is asserted)."""
+
+import torch
+
+import bench
+import vqvae2
+
+
+def test_quantizer_replay_runs_each_outermost_quantizer_on_the_inputs_of_a_step():
+    torch.manual_seed(0)
+    model = vqvae2.Model(vqvae2.Config(image_size=32, hidden=16, res_hidden=8, res_blocks=1, codebook_size=16))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = []
+    for q in (model.quant_t, model.quant_b):
+        q.register_forward_pre_hook(lambda q, args: seen.append((q, args[0].detach().clone())))
+
+    replay = bench.quantizer_replay(model, lambda: model(x)[1].backward(), torch.autocast("cpu", enabled=False))
+    step_inputs = list(seen)
+    seen.clear()
+    replay()
+    assert [q for q, _ in seen] == [model.quant_t, model.quant_b]  # both levels, once each, nothing else
+    for (_, a), (_, b) in zip(seen, step_inputs):
+        assert torch.equal(a, b)  # on the very vectors the training step quantized
+
+
+def test_ours_and_measure_time_a_training_forward_and_backward():
+    vq, z, call = bench.ours(256, 16, 4, torch.device("cpu"), init="data")
+    seconds, peak = bench.measure(call, torch.device("cpu"), repeat=2)
+    assert seconds > 0 and peak >= 0
+    assert bool(vq.initialized) and z.grad is None  # the untimed first call initialised the codebook
