@@ -20,7 +20,8 @@ Large maps are first partitioned (Fig. 2): the map is cut into an 8 x 8 grid of 
 relative position inside each patch form one (C, 8, 8) sub-map, P = HW / 64 of them, each spanning the whole image.
 The P sub-maps are quantized in parallel, with the same transforms, so an image has L * P codes, ordered step by
 step: code l * P + p is step l of sub-map p. The loss is the reconstruction error plus lambda_h times eq. 5's
-mutual-information term, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident for each image, uniform over the batch.
+mutual-information term, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident for each image, uniform over the batch; and,
+our addition (Config), VQ-VAE's commitment term, with the decoder's gradient passed to e straight through.
 
 Train it:  python train.py --model pqvae [--dataset mnist --data_dir DIR] [--tail_dropout true]
 Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (MSE from the first n codes, and the MSE
@@ -64,6 +65,14 @@ class Config:
     temp_start: float = 1.0
     temp_end: float = 0.0625
     temp_anneal_iters: int = 25000
+    # How the decoder's gradient reaches the encoder. The paper says Gumbel-softmax and no more. Through the sample
+    # alone ("identity_gradient false", with beta 0 the paper's literal reading), the gradient to e is scaled by the
+    # softmax's slope, which vanishes as the temperature falls: the encoder stops learning. We choose to also pass
+    # it unchanged (VQ-VAE's straight-through), with VQ-VAE's commitment term beta * ||e - sg(code)||^2 so that e
+    # stays near its codes. On MNIST (mnist preset, 2000 steps, test split) the full-code MSE fell from 16.8e-3 to
+    # 7.8e-3 (12.1e-3 to 8.8e-3 with tail dropout, every prefix better too; README).
+    identity_gradient: bool = True
+    beta: float = 0.25  # commitment weight (VQ-VAE); applied whatever identity_gradient is, 0 to leave it out
     # nested tail dropout (Semanticist). We draw the cut-off k' ~ U{1..L*P} per image (not per batch), so each
     # batch trains many prefix lengths at once; codes k' and after are replaced by a learnable null code.
     tail_dropout: bool = False
@@ -131,7 +140,8 @@ class ProgressiveQuantizer(nn.Module):
     Code choice: logits -||e - c_k||^2. Training draws a Gumbel-softmax sample at temperature `temperature` and uses
     it straight-through (the paper says Gumbel-softmax but not hard or soft; we choose hard, so that the decoder sees
     single codes in training as in evaluation, and the soft sample carries the gradient to the encoder and to the
-    codebook). Evaluation takes the nearest code: deterministic, and decode(codes) reproduces it bitwise.
+    codebook). With identity_gradient the gradient of e^ also reaches e unchanged, as in VQ-VAE (see Config).
+    Evaluation takes the nearest code: deterministic, and decode(codes) reproduces it bitwise.
     The codebook is an nn.Parameter learned by gradient, so under DDP it is averaged like any other parameter and
     stays equal on every rank; the only buffer, the temperature, is set from the step by every rank alike. All of it
     runs in float32 with autocast off: the distances, the argmin and the small solves are not safe in bf16/fp16.
@@ -142,9 +152,10 @@ class ProgressiveQuantizer(nn.Module):
     """
 
     def __init__(self, channels, positions, steps=64, channel_dim=4, spatial_dim=16, codebook_size=256,
-                 temperature=1.0):
+                 temperature=1.0, identity_gradient=True):
         super().__init__()
         self.steps, self.channel_dim, self.spatial_dim = steps, channel_dim, spatial_dim
+        self.identity_gradient = identity_gradient
         self.dim = channel_dim * spatial_dim
         # scaled so that e has about the size of F's entries
         self.w_c = nn.Parameter(torch.randn(steps, channels, channel_dim) / math.sqrt(channels))  # W_c,l (C, c)
@@ -194,6 +205,8 @@ class ProgressiveQuantizer(nn.Module):
             codes = soft.argmax(-1)
             e_soft = soft @ c
             e_hat = c[codes] + (e_soft - e_soft.detach())  # straight-through: forward the code, gradient of soft
+            if self.identity_gradient:
+                e_hat = e_hat + (e - e.detach())  # and the gradient to e unchanged, as in VQ-VAE (Config)
         else:
             codes = logits.argmax(-1)
             e_hat = c[codes]
@@ -291,7 +304,8 @@ class Model(nn.Module):
         self.num_codes = cfg.steps * self.positions  # L * P
         self.encoder = Encoder(cfg)
         self.quantizer = ProgressiveQuantizer(cfg.feature_dim, cfg.submap ** 2, cfg.steps, cfg.channel_dim,
-                                              cfg.spatial_dim, cfg.codebook_size, cfg.temp_start)
+                                              cfg.spatial_dim, cfg.codebook_size, cfg.temp_start,
+                                              cfg.identity_gradient)
         self.decoder = Decoder(cfg)
         if cfg.tail_dropout:  # only then: an unused parameter would trouble DDP
             self.null_code = nn.Parameter(torch.zeros(self.quantizer.dim))
@@ -336,7 +350,8 @@ class Model(nn.Module):
     # -- the model protocol -----------------------------------------------------------------------------------------
 
     def forward(self, x):
-        e_hat, codes, q, _ = self.quantizer(self._submaps(x))
+        e_hat, codes, q, e = self.quantizer(self._submaps(x))
+        commit = F.mse_loss(e, self.quantizer.lookup(codes).detach())  # (VQ-VAE) keeps e near its codes
         if self.training and self.cfg.tail_dropout:  # k' ~ U{1..L*P} per image: codes k' and after become null
             keep = torch.randint(1, self.num_codes + 1, (x.shape[0],), device=x.device)
             e_hat = self._leave_out(e_hat, keep)
@@ -348,10 +363,10 @@ class Model(nn.Module):
             counts = torch.zeros(self.cfg.codebook_size, device=codes.device).index_add_(
                 0, codes.flatten(), torch.ones(codes.numel(), device=codes.device))
             p = counts / counts.sum()
-            stats = {"recon": recon.detach(), "entropy": ent.detach(),
+            stats = {"recon": recon.detach(), "entropy": ent.detach(), "commit": commit.detach(),
                      "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch
                      "code_usage": (counts > 0).float().mean(), "temperature": self.quantizer.temperature.clone()}
-        return x_hat, recon + self.cfg.lambda_h * ent, stats
+        return x_hat, recon + self.cfg.lambda_h * ent + self.cfg.beta * commit, stats
 
     @torch.no_grad()
     def encode(self, x):

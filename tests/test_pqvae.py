@@ -194,10 +194,28 @@ def test_gradients_reach_encoder_transforms_and_codebook_through_the_gumbel_samp
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_model_learns_a_batch(overfit):
+@pytest.mark.parametrize("kw", [dict(), dict(identity_gradient=False, beta=0.0)])  # ours, the paper's literal one
+def test_model_learns_a_batch(overfit, kw):
     torch.manual_seed(0)
-    first, last = overfit(Model(small_config(temp_anneal_iters=100)))
+    first, last = overfit(Model(small_config(temp_anneal_iters=100, **kw)), steps=200)
     assert last < 0.5 * first
+
+
+def test_identity_gradient_adds_the_decoders_gradient_to_e_and_changes_no_value():
+    from pqvae import ProgressiveQuantizer
+    e = torch.randn(32, 64)
+    g = torch.randn(32, 64)  # the gradient arriving at e_hat
+    out = {}
+    for identity in (False, True):
+        quantizer = ProgressiveQuantizer(16, 64, steps=1, codebook_size=8, temperature=0.5, identity_gradient=identity)
+        quantizer.codebook.data = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+        leaf = e.clone().requires_grad_()
+        torch.manual_seed(1)  # the same Gumbel noise for both
+        e_hat, codes, _ = quantizer._quantize(leaf)
+        (e_hat * g).sum().backward()
+        out[identity] = (e_hat.detach(), codes, leaf.grad)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    torch.testing.assert_close(out[True][2] - out[False][2], g)  # the soft sample's part, plus g unchanged
 
 
 def test_train_runs_pqvae_and_eval_reports_prefixes_ablation_and_strip(tmp_path):
