@@ -181,9 +181,24 @@ def bench_training(argv, steps, device):
 
     for _ in range(3):  # warm-up: data init, compilation, allocator
         one_step()
+    if device.type == "cuda":
+        print(sync_check(one_step))
     seconds = timed(one_step, steps, device)
     share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
     return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share
+
+
+def sync_check(one_step):
+    """CUDA: one training step with PyTorch's sync debug mode set to "error", so that any host-device
+    synchronisation (a .item(), an `if` on a CUDA tensor, a bincount, a nonzero, ...) raises. Returns the verdict."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        one_step()
+    except RuntimeError as err:
+        return f"sync check: the training step synchronises: {str(err).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "sync check: no host-device synchronisation in a training step"
 
 
 def timed(call, repeat, device):
