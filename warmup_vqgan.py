@@ -1,0 +1,691 @@
+"""
+VQGAN trained "continuous first, discrete later": an autoencoder warm-up before vector quantization.
+
+Papers:
+  - "Continuous First, Discrete Later: VQ-VAEs Without Dimensional Collapse", 2026 (seed 001): the AE warm-up, the
+    effective-dimension diagnostics and the water-filling prediction of the codebook's dimension.
+  - "Taming Transformers for High-Resolution Image Synthesis" (VQGAN), Esser, Rombach and Ommer, 2021
+    (arXiv:2012.09841): the encoder/decoder layout, the PatchGAN discriminator with hinge loss and the adaptive
+    weight on the decoder's last layer. (We leave out the LPIPS perceptual loss: it needs downloaded weights.)
+
+The idea. Trained VQ-VAEs are "dimensionally collapsed": their latents and codebooks span a tiny subspace of the
+D-dim code space (the paper measures a codebook effective dimension of 3-5 out of 256 in VQGAN). The paper's account:
+from the first step the quantizer passes on, for each latent direction, only what a code of log2 K bits can carry,
+and reverse water-filling of a Gaussian source says that is nothing for the directions whose variance lies under
+the "water level" theta. The encoder gets no reconstruction gradient in those directions, so their variance never
+grows: the low-variance directions are suppressed for good. The fix is a warm-up: train the model as a plain
+autoencoder (quantizer bypassed) for `warmup_steps`, so the encoder first learns a high-rank representation; then
+switch on the quantizer, with the codebook initialised by k-means on the warm-up latents so that it starts where the
+latents are. The paper reports the codebook's effective dimension rising from 3-5 to 17-19 and rFID falling 17-35%.
+(Measured here on MNIST, 1,000 steps, D = 32: 4 -> 14 at K = 2^10 and 7 -> 14-18 at K = 2^14, with no clear MSE
+gain at that budget; see the README.)
+
+The diagnostics (eval.py computes them for every validation, train.py writes them to <out_dir>/log.jsonl):
+  eff_dim_99      the smallest k whose top-k PCA eigenvalues hold >= 99% of the variance, of the latents and of the
+                  codebook (the paper's definition);
+  pr              the participation ratio (sum l)^2 / sum l^2 of the same spectra;
+  waterfill_dim   #{l_i > theta} with sum_i max(0, 1/2 log2(l_i / theta)) = log2 K: the number of latent directions
+                  a K-code quantizer can afford, the paper's predicted (upper bound on the) codebook dimension.
+`python warmup_vqgan.py --curves out/RUN/log.jsonl` turns the log into a CSV of these curves over training.
+
+Train it:  python train.py --model warmup_vqgan                                  # shapes, warm-up then VQ
+           python train.py --model warmup_vqgan --dataset mnist --data_dir DIR --warmup_steps 0   # cold start
+           python train.py --model warmup_vqgan --dataset mnist --data_dir DIR --switch_rule adaptive
+Evaluate:  python eval.py --ckpt out/warmup_vqgan_mnist/ckpt.pt --split test
+Curves:    python warmup_vqgan.py --curves out/warmup_vqgan_mnist/log.jsonl      # writes log_curves.csv beside it
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    # data (train.py fills these from the dataset; override on the command line)
+    image_size: int = 32
+    in_channels: int = 3
+    # encoder / decoder (taming-transformers layout; the paper's ImageNet VQGAN: 128, [1,1,2,2,4], 2 blocks, 256)
+    channels: int = 128  # channels at full resolution
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # channel multiplier per level; the side halves between levels
+    res_blocks: int = 2  # residual blocks per level (the decoder has one more, as in taming)
+    attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
+    z_channels: int = 256  # the encoder's output channels (the "bottleneck")
+    # quantizer (taming's VectorQuantizer: the codebook is learned by ||sg(z) - e||^2, not by EMA)
+    codebook_size: int = 1024  # K; the paper uses 2^10, 2^14, 2^16
+    code_dim: int = 256  # D, the code vectors' dimension (paper: 256)
+    beta: float = 0.25  # commitment weight: beta * ||z - sg(e)||^2 moves the encoder
+    usage_decay: float = 0.99  # decay of the usage EMA that decides respawns (paper: 0.99)
+    respawn_threshold: float = 0.1  # a code respawns when its usage EMA falls under this fraction of uniform usage
+    # 1/K. The paper scales its threshold with 1/K as well; the fraction is our choice (see WarmupQuantizer)
+    respawn_every: int = 10  # steps between respawn checks
+    kmeans_iters: int = 10  # Lloyd iterations at the switch
+    bank_size: int = 65536  # warm-up latents kept (per rank) for the k-means at the switch and for water-filling
+    # warm-up ("continuous first, discrete later")
+    warmup_steps: int = 10000  # steps of plain autoencoder training before the switch; 0 is the cold start.
+    # The paper sweeps 1k-40k; with switch_rule "adaptive" this is the longest warm-up allowed
+    switch_rule: str = "fixed"  # "fixed": switch at warmup_steps | "adaptive": when the water-filling dimension
+    # stops growing (see Model.set_step), and at warmup_steps at the latest
+    waterfill_every: int = 500  # steps between water-filling predictions during warm-up; 0 disables them
+    patience: int = 3  # adaptive rule: switch after this many predictions in a row without a new maximum
+    # discriminator (PatchGAN, hinge loss); disc_weight 0 removes it
+    disc_weight: float = 0.8  # taming's ImageNet value; scales the adaptive weight
+    disc_start: int = 30000  # the GAN terms are off before this step (taming starts late, when recon is good)
+    disc_channels: int = 64  # ndf
+    disc_layers: int = 3  # stride-2 conv layers of the PatchGAN
+
+
+# Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
+# Config fields or train.py settings. All of them use VQGAN's Adam betas (0.5, 0.9) and a constant lr (taming).
+# The small ones are sized for a CPU: mnist trains 1000 steps in about 10 minutes on one (shared) thread.
+_ADAM = dict(beta1=0.5, beta2=0.9, lr_schedule="constant")
+_SMALL = dict(channels=16, ch_mult=(1, 2, 4), res_blocks=1, z_channels=64, code_dim=32, kmeans_iters=10,
+              disc_weight=0.0, disc_channels=32, disc_layers=2, waterfill_every=50, **_ADAM)
+PRESETS = {
+    # the embedded default: 32x32 -> 8x8 latents; `python train.py --model warmup_vqgan` runs in minutes on a CPU
+    "shapes": dict(_SMALL, codebook_size=1024, warmup_steps=500, batch_size=32, lr=5e-4, max_iters=2000,
+                   eval_interval=250),
+    # 28x28 -> 7x7 latents. GAN off: the experiment measures what warm-up does to the quantizer, not GAN sharpness
+    "mnist": dict(_SMALL, codebook_size=1024, warmup_steps=300, batch_size=32, lr=5e-4, max_iters=1000,
+                  eval_interval=100),
+    "fashion_mnist": dict(_SMALL, codebook_size=1024, warmup_steps=300, batch_size=32, lr=5e-4, max_iters=1000,
+                          eval_interval=100),
+    "cifar10": dict(channels=64, ch_mult=(1, 2, 2), z_channels=128, code_dim=128, disc_start=20000,
+                    disc_layers=2, batch_size=64, lr=2e-4, max_iters=60000, warmup_steps=10000, **_ADAM),
+    "celeba": dict(ch_mult=(1, 1, 2, 4), batch_size=32, lr=1e-4, max_iters=100000, **_ADAM),
+    "lsun_church": dict(ch_mult=(1, 1, 2, 2, 4), batch_size=16, lr=1e-4, max_iters=200000, **_ADAM),
+    "imagenet": dict(batch_size=16, lr=1e-4, max_iters=300000, **_ADAM),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spectra and water-filling (eval.py has the same functions; each model file stands alone)
+
+def eigenvalues(v):
+    """Eigenvalues of the covariance of the rows of v (N, D), largest first, in float64."""
+    v = v.double()
+    v = v - v.mean(0)
+    return torch.linalg.eigvalsh(v.t() @ v / max(v.shape[0] - 1, 1)).flip(0).clamp(min=0)
+
+
+def waterfill(eigs, bits):
+    """Reverse water-filling of a Gaussian source with variances `eigs` at rate `bits`: the level theta with
+    sum_i max(0, 1/2 log2(l_i / theta)) = bits. Returns (#{l_i > theta}, theta). With the k largest active,
+    log2 theta = (sum_{i<k} log2 l_i - 2 bits) / k, and the right k is the first whose theta is at least the
+    (k+1)-th eigenvalue (so that the (k+1)-th gets no bits)."""
+    eigs = eigs[eigs > 0].double().sort(descending=True).values
+    log_l = eigs.log2()
+    for k in range(1, len(eigs) + 1):
+        log_theta = (log_l[:k].sum() - 2 * bits) / k
+        if k == len(eigs) or log_theta >= log_l[k]:
+            return k, float(2 ** log_theta)
+    return 0, 0.0  # no variance at all: nothing to spend bits on
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The quantizer
+
+class WarmupQuantizer(nn.Module):
+    """A VQGAN vector quantizer with an autoencoder warm-up ("Continuous First, Discrete Later", seed 001) and
+    usage-EMA respawn. Depends on torch only: copy it into your project.
+
+    Two phases, kept in the `phase` buffer (so a resumed run stays in its phase):
+      0, warm-up   forward returns z unchanged (the model is a plain autoencoder) and, in training, stores z in a
+                   bank of recent warm-up latents (a ring buffer of `bank_size` vectors per rank);
+      1, VQ        nearest-code quantization with a straight-through gradient. The codebook is an nn.Parameter
+                   learned by ||sg(z) - e||^2 (taming's VQGAN, not EMA); beta * ||z - sg(e)||^2 moves the encoder.
+    switch(z) goes from 0 to 1: k-means on the bank plus z initialises every code, and the usage EMA starts at the
+    k-means cluster sizes. A cold start (no warm-up) is a switch on the first batch, with an empty bank: k-means on
+    the untrained encoder's outputs (starting from repeated samples when K exceeds the batch's vectors). Candidly,
+    taming's cold VQGAN keeps its uniform initial codebook; we give the cold start the same k-means and respawn as
+    the warm one, so that a comparison of the two measures the warm-up alone.
+
+    Respawn: `usage` is an EMA (decay 0.99) of the fraction of this step's vectors assigned to each code; uniform
+    use is 1/K. Every `respawn_every` steps, the codes with usage < respawn_threshold / K move onto random current
+    encoder outputs and their usage restarts at 1/K, which gives a respawned code about ln(threshold) / ln(decay)
+    (230 at 0.1 and 0.99) steps to win vectors before it can respawn again. Measuring usage relative to 1/K is our
+    reading of the paper's "threshold scaled inversely with K": a fixed count threshold (WavTokenizer's 1.0) would
+    call most codes dead at K = 2^14 with a few thousand vectors per step.
+
+    forward(z) takes z of shape (..., D) and returns (z_q, codes, loss, stats): z_q (..., D); codes (...) int64, or
+    None in warm-up; loss the scalar to add to the model's; stats scalar tensors for logging.
+
+    Under torch.distributed every rank keeps the same codebook, usage and phase: counts are all-reduced, the vectors
+    for k-means and respawns are gathered from all ranks, chosen on rank 0 and broadcast (every rank must pass the
+    same number of vectors, as with equal batches), and the codebook's gradient is all-reduced by DDP. Distances,
+    argmin and statistics run in float32 with autocast off (the fp32 island): in bf16 about 1% of argmins differ.
+    """
+
+    def __init__(self, codebook_size, dim, beta=0.25, usage_decay=0.99, respawn_threshold=0.1, respawn_every=10,
+                 kmeans_iters=10, bank_size=65536):
+        super().__init__()
+        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        self.usage_decay, self.respawn_threshold, self.respawn_every = usage_decay, respawn_threshold, respawn_every
+        self.kmeans_iters = kmeans_iters
+        # taming's initialisation; overwritten by k-means at the switch
+        self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
+        self.register_buffer("phase", torch.zeros((), dtype=torch.long))  # 0 warm-up, 1 VQ
+        self.register_buffer("usage", torch.full((codebook_size,), 1 / codebook_size))  # EMA of assignment fractions
+        self.register_buffer("respawn_step", torch.zeros((), dtype=torch.long))  # steps since the last check
+        self.register_buffer("bank", torch.zeros(bank_size, dim))  # warm-up latents, a ring buffer
+        self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))  # vectors ever written to it
+        # Host copies of `phase` and `respawn_step`, so that a training step reads no value back from the device (on a
+        # GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth for
+        # checkpoints; the copies are read from them at the first use after construction or loading.
+        self._host_phase = self._host_respawn_step = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_phase = self._host_respawn_step = None  # the loaded buffers hold the truth now
+
+    # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
+    @staticmethod
+    def _all_reduce(t):  # sum over ranks, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def _broadcast(t):  # rank 0's value everywhere, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(t, src=0)
+        return t
+
+    @staticmethod
+    def _gather(z):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
+        if not (dist.is_available() and dist.is_initialized()):
+            return z
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    @property
+    def warming_up(self):
+        if self._host_phase is None:  # once after construction or loading
+            self._host_phase, self._host_respawn_step = int(self.phase), int(self.respawn_step)
+        return self._host_phase == 0
+
+    # -- nearest code -----------------------------------------------------------------------------------------------
+
+    def nearest(self, z, codebook=None):
+        """Index (N,) of the nearest code for each row of z (N, D). Chunked over rows so that the (rows, K) distance
+        block stays near 64 MiB whatever N and K are, in one buffer reused by every chunk."""
+        e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
+        z = z.detach().float()
+        N, K = z.shape[0], e.shape[0]
+        e_sq = (e * e).sum(1)  # (K,)
+        chunk = min(N, max(1, 2 ** 24 // K))
+        codes = torch.empty(N, dtype=torch.long, device=z.device)
+        d = torch.empty(chunk, K, device=z.device)
+        for i in range(0, N, chunk):
+            zc = z[i:i + chunk]  # (c, D)
+            dc = d[:zc.shape[0]]
+            # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
+            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
+            codes[i:i + chunk] = dc.argmin(1)
+        return codes
+
+    def encode(self, z):
+        """(..., D) -> codes (...). Changes nothing: for eval and tokenizers."""
+        return self.nearest(z.reshape(-1, self.dim)).reshape(z.shape[:-1])
+
+    def lookup(self, codes):
+        """codes (...) -> code vectors (..., D), by indexing."""
+        return self.codebook[codes]
+
+    def _counts(self, codes):
+        """Assignments per code, (K,). An index_add_ of ones rather than torch.bincount, which on a GPU reads the
+        largest index back to the host; sums of ones are exact in float32 (up to 2^24 per code), so the order of the
+        GPU's atomic adds cannot change the result."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+
+    def forward(self, z):
+        if self.warming_up:  # the bypass: z itself goes on, the very tensor (same dtype, same memory layout)
+            if self.training:
+                self._push(z.detach().float().reshape(-1, self.dim))
+            # A zero that touches the codebook: DDP (without find_unused_parameters) expects a gradient for every
+            # parameter at every step, and in warm-up nothing else reaches the codebook.
+            zero = self.codebook.sum() * 0.0
+            none = torch.zeros((), device=z.device)
+            return z, None, zero, {"commit": none, "perplexity": none, "code_usage": none, "low_usage": none}
+        shape = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
+            z = z.float().reshape(-1, self.dim)  # (N, D)
+
+            codes = self.nearest(z)  # (N,)
+            e = self.codebook[codes]  # (N, D), with gradient to the codebook
+            commit = F.mse_loss(z, e.detach())
+            # beta moves the encoder toward its code; the codebook term moves the code toward its vectors
+            loss = self.beta * commit + F.mse_loss(e, z.detach())
+            # straight-through: the forward value is exactly e, the gradient of z_q goes to z unchanged
+            z_q = e.detach() + (z - z.detach())
+            counts = self._counts(codes)  # (K,) this rank's batch
+            if self.training:  # quantize and compute losses first, then update the usage and respawn
+                self._update(z.detach(), counts)
+        p = counts / counts.sum()
+        stats = {"commit": commit.detach(),
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch
+                 "code_usage": (counts > 0).float().mean(),
+                 "low_usage": (self.usage < self.respawn_threshold / self.codebook_size).float().mean()}
+        return z_q.reshape(shape), codes.reshape(shape[:-1]), loss, stats
+
+    # -- warm-up bank and the switch --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _push(self, z):
+        """Write z (N, D) into the ring buffer of warm-up latents (its last bank_size rows when N is larger)."""
+        size = self.bank.shape[0]
+        z = z[-size:]
+        rows = (self.bank_count + torch.arange(z.shape[0], device=z.device)) % size
+        self.bank.index_copy_(0, rows, z)
+        self.bank_count.add_(z.shape[0])
+
+    def bank_latents(self):
+        """The warm-up latents held in the bank, (n, D), n <= bank_size (in ring order, which does not matter)."""
+        return self.bank[:int(self.bank_count.clamp(max=self.bank.shape[0]))]
+
+    @torch.no_grad()
+    def predicted_dim(self):
+        """Water-filling prediction of the codebook's dimension from the bank's latents, over all ranks: the number
+        of latent directions that get bits at rate log2 K. The covariance is summed over ranks, so every rank gets
+        the same number (and the same switch decision). Call it on every rank."""
+        z = self.bank_latents().double()  # (n, D)
+        stats = torch.cat([z.new_tensor([z.shape[0]]), z.sum(0), (z.t() @ z).flatten()])  # n, sum, sum of outer
+        self._all_reduce(stats)
+        n, D = stats[0], self.dim
+        if n < 2:
+            return 0
+        mean = stats[1:D + 1] / n
+        cov = (stats[D + 1:].view(D, D) - n * torch.outer(mean, mean)) / (n - 1)
+        eigs = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
+        return waterfill(eigs, math.log2(self.codebook_size))[0]
+
+    @torch.no_grad()
+    def switch(self, z):
+        """End the warm-up: k-means on the warm-up bank plus z (N, D), the current batch's latents, initialises every
+        code; the usage EMA starts at the k-means cluster sizes (so the empty clusters respawn at the first check).
+        Computed on the gathered vectors of all ranks and broadcast from rank 0."""
+        data = self._gather(torch.cat([self.bank_latents(), z.float()]))  # (n, D), the same on every rank
+        idx = torch.randperm(data.shape[0], device=data.device)[:self.codebook_size]
+        if idx.numel() < self.codebook_size:  # fewer vectors than codes: start from samples drawn with replacement
+            idx = torch.randint(0, data.shape[0], (self.codebook_size,), device=data.device)
+        codebook = data[idx].clone()  # (K, D): every code starts on a data vector
+        for _ in range(self.kmeans_iters):  # Lloyd's iterations
+            codes = self.nearest(data, codebook)
+            counts = self._counts(codes)  # (K,)
+            sums = torch.zeros_like(codebook).index_add_(0, codes, data)  # (K, D)
+            # an empty cluster keeps its centre, which is a data vector
+            codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
+        counts = self._counts(self.nearest(data, codebook))
+        self._broadcast(codebook)
+        self._broadcast(counts)
+        self.codebook.copy_(codebook)
+        self.usage.copy_(counts / counts.sum())
+        self.respawn_step.zero_()
+        self.phase.fill_(1)
+        self._host_phase, self._host_respawn_step = 1, 0
+
+    # -- usage EMA and respawn (training mode only; every rank runs the same collectives) ----------------------------
+
+    @torch.no_grad()
+    def _update(self, z, counts):
+        counts = self._all_reduce(counts.clone())  # (K,) over all ranks
+        self.usage.mul_(self.usage_decay).add_(counts / counts.sum(), alpha=1 - self.usage_decay)
+        self.respawn_step.add_(1)
+        self._host_respawn_step += 1
+        if self.respawn_threshold > 0 and self._host_respawn_step >= self.respawn_every:
+            self._respawn(z)
+            self.respawn_step.zero_()
+            self._host_respawn_step = 0
+
+    @torch.no_grad()
+    def _respawn(self, z):
+        """Move the codes whose usage EMA is under threshold / K onto random encoder outputs of this step (of all
+        ranks, drawn on rank 0 and broadcast); their usage restarts at uniform, 1/K."""
+        K = self.codebook_size
+        low = self.usage < self.respawn_threshold / K  # (K,), equal on all ranks: usage is all-reduced
+        z = self._gather(z)  # (world * N, D)
+        # always K candidates, used where a code is low: no data-dependent branch, the same collectives every time
+        candidates = self._broadcast(z[torch.randint(0, z.shape[0], (K,), device=z.device)])  # (K, D)
+        # (Adam's moments for a respawned code are not reset: the optimizer is train.py's. Its first steps there
+        # are a little off; the codebook loss pulls it to its vectors all the same.)
+        self.codebook.copy_(torch.where(low[:, None], candidates, self.codebook))
+        self.usage.masked_fill_(low, 1 / K)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder and decoder (taming-transformers' layout: ResNet blocks with GroupNorm and swish, a stride-2 conv between
+# levels, self-attention at the lowest resolution), scaled down by Config
+
+def Normalize(channels):
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)  # taming: 32 groups; gcd for small widths
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.block = nn.Sequential(Normalize(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
+                                   Normalize(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.skip(x) + self.block(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the positions of a (B, C, h, w) map, with a residual connection."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, h * w).transpose(-1, -2).unbind(1)  # (B, hw, C) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, hw, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, h, w))
+
+
+class Downsample(nn.Module):
+    """Halve the side: taming pads right and bottom, then a stride-2 3x3 conv without padding."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def middle(c, attention):
+    """taming's middle block: ResNet, attention, ResNet, at the lowest resolution."""
+    return [ResnetBlock(c, c), AttnBlock(c) if attention else nn.Identity(), ResnetBlock(c, c)]
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) -> (B, z_channels, H / 2^(levels-1), W / 2^(levels-1))"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.channels
+        layers = [nn.Conv2d(cfg.in_channels, c, 3, padding=1)]
+        for i, mult in enumerate(cfg.ch_mult):
+            lowest = i == len(cfg.ch_mult) - 1
+            for _ in range(cfg.res_blocks):
+                layers.append(ResnetBlock(c, cfg.channels * mult))
+                c = cfg.channels * mult
+                if lowest and cfg.attention:
+                    layers.append(AttnBlock(c))
+            if not lowest:
+                layers.append(Downsample(c))
+        layers += middle(c, cfg.attention)
+        layers += [Normalize(c), nn.SiLU(), nn.Conv2d(c, cfg.z_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, C, h * 2^(levels-1), w * 2^(levels-1)). `conv_out` is the "last layer" whose
+    gradients set the GAN's adaptive weight."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        c = cfg.channels * cfg.ch_mult[-1]
+        layers = [nn.Conv2d(cfg.z_channels, c, 3, padding=1)] + middle(c, cfg.attention)
+        for i in reversed(range(len(cfg.ch_mult))):
+            lowest = i == len(cfg.ch_mult) - 1
+            for _ in range(cfg.res_blocks + 1):
+                layers.append(ResnetBlock(c, cfg.channels * cfg.ch_mult[i]))
+                c = cfg.channels * cfg.ch_mult[i]
+                if lowest and cfg.attention:
+                    layers.append(AttnBlock(c))
+            if i > 0:
+                layers.append(Upsample(c))
+        layers += [Normalize(c), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv_out(self.net(x))
+
+
+class Discriminator(nn.Module):
+    """PatchGAN (pix2pix, as in taming's NLayerDiscriminator): (B, C, H, W) -> (B, 1, h, w) real/fake logits, one per
+    overlapping patch. Candidly: taming normalises with BatchNorm; we use GroupNorm, which has no running statistics
+    (those would differ across DDP ranks and be updated by the generator's pass through the discriminator)."""
+
+    def __init__(self, in_channels, channels=64, layers=3):
+        super().__init__()
+        seq = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2 ** n, 8)
+            stride = 2 if n < layers else 1  # the last of these keeps the side, as in taming
+            seq += [nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
+                    Normalize(channels * mult), nn.LeakyReLU(0.2)]
+        seq += [nn.Conv2d(channels * mult, 1, 4, stride=1, padding=1)]
+        self.net = nn.Sequential(*seq)
+        for m in self.modules():  # taming's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+
+class Model(nn.Module):
+    """Encoder -> 1x1 conv to D -> WarmupQuantizer (bypassed in warm-up) -> 1x1 conv back -> Decoder, trained by L1
+    reconstruction + the quantizer's loss + (from disc_start) the adaptive-weighted PatchGAN generator loss.
+    The discriminator is trained by train.py's second optimizer through aux_module() / aux_loss()."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        down = 2 ** (len(cfg.ch_mult) - 1)
+        if not cfg.ch_mult or cfg.image_size % down:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^(levels-1) = {down} "
+                             f"(ch_mult {cfg.ch_mult})")
+        if cfg.switch_rule not in ("fixed", "adaptive"):
+            raise ValueError(f"switch_rule must be 'fixed' or 'adaptive', got {cfg.switch_rule!r}")
+        if cfg.warmup_steps < 0:
+            raise ValueError("warmup_steps must be at least 0 (0 is the cold start)")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+        self.quantizer = WarmupQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, usage_decay=cfg.usage_decay,
+                                         respawn_threshold=cfg.respawn_threshold, respawn_every=cfg.respawn_every,
+                                         kmeans_iters=cfg.kmeans_iters, bank_size=cfg.bank_size)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+        self.discriminator = (Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
+                              if cfg.disc_weight > 0 else None)
+        # the warm-up's record, saved with the model: the step of the switch (-1 before it) and the water-filling
+        # predictions that drive the adaptive rule
+        self.register_buffer("switch_step", torch.tensor(-1))
+        self.register_buffer("wf_last", torch.tensor(0))  # the latest prediction
+        self.register_buffer("wf_best", torch.tensor(0))  # the largest so far
+        self.register_buffer("wf_stale", torch.tensor(0))  # predictions in a row without a new largest
+        self.step = 0  # set by train.py before every step (set_step); not a buffer: train.py sets it on resume
+
+    # -- the warm-up schedule ---------------------------------------------------------------------------------------
+
+    def set_step(self, step):
+        """train.py calls this before every step, on every rank. During warm-up, every `waterfill_every` steps,
+        predict the codebook dimension by water-filling on the bank of warm-up latents.
+
+        The adaptive rule (the paper shows the prediction tracking the final codebook dimension but leaves the rule
+        open; this one is ours): switch once `patience` predictions in a row bring no new maximum, i.e. when the
+        predicted dimension has stopped growing for patience * waterfill_every steps; warmup_steps stays the
+        longest warm-up. The prediction is noisy by +-1 dimension, so "no new maximum" rather than "no increase over
+        the previous one"; a larger patience waits out slow growth at the cost of a longer warm-up."""
+        self.step = step
+        every = self.cfg.waterfill_every
+        if self.quantizer.warming_up and every > 0 and step > 0 and step % every == 0:
+            pred = self.quantizer.predicted_dim()  # the same on every rank (a collective)
+            self.wf_last.fill_(pred)
+            if pred > self.wf_best:
+                self.wf_best.fill_(pred)
+                self.wf_stale.zero_()
+            else:
+                self.wf_stale.add_(1)
+
+    def switch_due(self):
+        if self.step >= self.cfg.warmup_steps:
+            return True
+        return self.cfg.switch_rule == "adaptive" and bool(self.wf_stale >= self.cfg.patience)
+
+    def gan_active(self):
+        return self.discriminator is not None and self.training and self.step >= self.cfg.disc_start
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+
+    def _latents(self, x):
+        """(B, C, H, W) -> pre-quantization vectors (B, h, w, D), channels last for the quantizer."""
+        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+
+    def _decode_latents(self, z_q):
+        """(B, h, w, D) -> (B, C, H, W)"""
+        return self.decoder(self.post_quant_conv(z_q.permute(0, 3, 1, 2)))
+
+    def forward(self, x):
+        z = self._latents(x)  # (B, h, w, D)
+        if self.training and self.quantizer.warming_up and self.switch_due():
+            self.quantizer.switch(z.detach().reshape(-1, self.cfg.code_dim))
+            self.switch_step.fill_(self.step)
+        z_q, _, q_loss, q_stats = self.quantizer(z)  # in warm-up z_q is z itself
+        x_hat = self._decode_latents(z_q)  # (B, C, H, W)
+        rec = (x_hat.float() - x.float()).abs().mean()  # VQGAN's L1 reconstruction loss
+        loss = rec + q_loss
+        gan_weight = torch.zeros((), device=x.device)
+        g_loss = torch.zeros((), device=x.device)
+        if self.gan_active():
+            g_loss = -self.discriminator(x_hat).float().mean()  # hinge generator loss
+            gan_weight = self.cfg.disc_weight * self.adaptive_weight(rec, g_loss)
+            loss = loss + gan_weight * g_loss
+        stats = {"recon": F.mse_loss(x_hat.float(), x.float()).detach(),  # MSE on [-1, 1], as train.py logs it
+                 "l1": rec.detach(), "phase": self.quantizer.phase.float(), "waterfill_dim": self.wf_last.float(),
+                 "g_loss": g_loss.detach(), "gan_weight": gan_weight, **q_stats}
+        return x_hat, loss, stats
+
+    def adaptive_weight(self, rec, g_loss):
+        """taming's lambda = ||grad rec|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4] and
+        detached: it scales the GAN loss so that its gradient there is as large as the reconstruction's. Taken
+        inside forward, before train.py's backward (autograd.grad leaves .grad alone). Under DDP each rank uses its
+        own gradients, as in taming."""
+        last = self.decoder.conv_out.weight
+        rec_grad = torch.autograd.grad(rec, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+    # -- the discriminator, behind train.py's aux protocol ----------------------------------------------------------
+
+    def aux_module(self):
+        """The discriminator, trained by train.py's second optimizer; None without one (disc_weight 0)."""
+        return self.discriminator
+
+    def aux_loss(self, x, x_hat):
+        """Hinge loss of the discriminator on real x and detached reconstructions x_hat; zero before disc_start."""
+        if self.step < self.cfg.disc_start:
+            # a zero with a graph (train.py calls backward on it) that costs no pass through the discriminator
+            zero = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+            return zero, {"d_real": zero.detach(), "d_fake": zero.detach()}
+        real, fake = self.discriminator(x).float(), self.discriminator(x_hat.detach()).float()
+        loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+        return loss, {"d_real": real.mean().detach(), "d_fake": fake.mean().detach()}
+
+    # -- tokenizer and eval.py interface ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, x):
+        """(B, C, H, W) -> codes (B, h, w). During warm-up there are no trained codes yet: these are the nearest
+        entries of the initial codebook, and decode(encode(x)) equals forward(x)[0] only after the switch."""
+        return self.quantizer.encode(self._latents(x))
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """codes (B, h, w) -> (B, C, H, W)"""
+        return self._decode_latents(self.quantizer.lookup(codes))
+
+    @torch.no_grad()
+    def latents(self, x):
+        """For eval.py: {"vq": (codebook (K, D), pre-quantization vectors (N, D), codes (N,))}."""
+        z = self._latents(x).reshape(-1, self.cfg.code_dim).float()
+        return {"vq": (self.quantizer.codebook.detach().float(), z, self.quantizer.nearest(z))}
+
+    @torch.no_grad()
+    def eval_stats(self, x):
+        """For eval.py: the phase (0 warm-up, 1 VQ), so each validation in log.jsonl says which phase it saw."""
+        return {"phase": self.quantizer.phase.float()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Curves over training: eff-dim, participation ratio and water-filling from train.py's log
+
+CURVE_KEYS = ("phase", "mse", "psnr", "vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent",
+              "vq/pr_codebook", "vq/waterfill_dim", "vq/perplexity", "vq/usage")
+
+
+def curves(log_path, csv_path=None, png_path=None):
+    """Read the validation records of a train.py log.jsonl and write them as a CSV (one row per validation, the
+    columns in CURVE_KEYS after `step`); with matplotlib installed and png_path given, also a PNG of the
+    dimensions. Returns the rows as dicts."""
+    import csv
+    import json
+    import os
+    rows = []
+    with open(log_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("split") == "val":
+                rows.append({"step": record["step"], **{k: record.get(k, "") for k in CURVE_KEYS}})
+    csv_path = csv_path or os.path.splitext(log_path)[0] + "_curves.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", *CURVE_KEYS])
+        writer.writeheader()
+        writer.writerows(rows)
+    if png_path:
+        import matplotlib  # optional: only when asked for a PNG
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in rows]
+        for key in ("vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim"):
+            ax.plot(steps, [r[key] for r in rows], label=key.split("/")[1])
+        ax.set_xlabel("step")
+        ax.set_ylabel("dimensions")
+        ax.legend()
+        fig.savefig(png_path, dpi=100)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="warmup_vqgan.py: curves of eff-dim over training from a train.py log.")
+    p.add_argument("--curves", required=True, help="a train.py log, out/<run>/log.jsonl")
+    p.add_argument("--csv", default=None, help="default: <log>_curves.csv beside the log")
+    p.add_argument("--png", default=None, help="also a PNG (needs matplotlib)")
+    args = p.parse_args()
+    out = curves(args.curves, args.csv, args.png)
+    print(f"{len(out)} validations written")
