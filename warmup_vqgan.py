@@ -2,7 +2,7 @@
 VQGAN trained "continuous first, discrete later": an autoencoder warm-up before vector quantization.
 
 Papers:
-  - "Continuous First, Discrete Later: VQ-VAEs Without Dimensional Collapse", 2026 (seed 001): the AE warm-up, the
+  - "Continuous First, Discrete Later: VQ-VAEs Without Dimensional Collapse", 2026: the AE warm-up, the
     effective-dimension diagnostics and the water-filling prediction of the codebook's dimension.
   - "Taming Transformers for High-Resolution Image Synthesis" (VQGAN), Esser, Rombach and Ommer, 2021
     (arXiv:2012.09841): the encoder/decoder layout, the PatchGAN discriminator with hinge loss and the adaptive
@@ -130,7 +130,7 @@ def waterfill(eigs, bits):
 # The quantizer
 
 class WarmupQuantizer(nn.Module):
-    """A VQGAN vector quantizer with an autoencoder warm-up ("Continuous First, Discrete Later", seed 001) and
+    """A VQGAN vector quantizer with an autoencoder warm-up ("Continuous First, Discrete Later") and
     usage-EMA respawn. Depends on torch only: copy it into your project.
 
     Two phases, kept in the `phase` buffer (so a resumed run stays in its phase):
