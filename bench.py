@@ -73,11 +73,7 @@ def measure(call, device, repeat):
     times, peak = [], 0
     for _ in range(repeat):
         with PeakMemory(device) as mem:
-            sync(device)
-            t0 = time.perf_counter()
-            call()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(timed(call, 1, device))
         peak = max(peak, mem.peak)
     return sum(times) / len(times), peak
 
