@@ -1,0 +1,595 @@
+"""
+Adaptive choice among codebooks of equal capacity N x D.
+
+Paper: "Balance of Number of Embedding and their Dimensions in Vector Quantization", 2024 (arXiv:2407.04939).
+
+The idea. A codebook of N codes of D dims holds W = N * D numbers. At a fixed W there is a trade-off: few long codes
+([512, 128]) or many short ones ([65536, 1]). The encoder gives a 128-dim vector per position; codebook i cuts it into
+128 / D_i pieces of D_i dims, quantizes each piece with its N_i codes, and joins the quantized pieces back into a
+128-dim candidate. The paper finds that reconstruction improves as N grows and D shrinks, up to a point, and then
+proposes to let every vector choose: all configurations run side by side, multi-head attention between the encoder
+vector (query) and the candidates (keys) scores the codebooks, and a hard, straight-through Gumbel-softmax picks one
+candidate per vector. The decoder sees the chosen candidate; the gradient reaches the attention through the
+Gumbel-softmax's soft relaxation. Codebooks are learned by EMA.
+
+    x -> Encoder -> z (B, h, w, 128) -> for each codebook i: cut z into pieces, quantize, join -> candidate_i
+      -> attention(z, candidates) -> scores (one per codebook) -> Gumbel-softmax, hard -> chosen candidate -> Decoder
+
+`fixed = N` uses the single configuration [N, W / N], with no attention and no Gumbel-softmax: the paper's baseline
+sweep, from this same file.
+
+Train it:  python train.py --model adaptive_vq [--dataset mnist --data_dir DIR]          # adaptive, every [N, D]
+           python train.py --model adaptive_vq --codebook_sizes 512,4096,65536             # adaptive, a subset
+           python train.py --model adaptive_vq --fixed 4096                                # one [N, D] alone
+Evaluate:  python eval.py --ckpt out/adaptive_vq_mnist/ckpt.pt --split test
+           (per codebook: perplexity and usage; how often each is chosen: choice/<N>x<D>; the quantization error
+           quant_error; the gradient gap grad_gap)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    # data (train.py fills these from the dataset; override on the command line)
+    image_size: int = 32
+    in_channels: int = 3
+    # encoder / decoder (VQ-VAE style: strided convs + residual blocks; the paper's "CNN + ResNet" is not specified)
+    hidden: int = 128  # channels of the encoder's and decoder's main path
+    res_blocks: int = 2  # residual blocks per side
+    res_hidden: int = 32  # channels inside a residual block
+    downsample: int = 4  # image side / latent side; a power of 2
+    # the codebooks: all of capacity W = N * D (paper: W = 65,536 with 128-dim vectors)
+    vector_dim: int = 128  # the encoder's vector per position, cut into vector_dim / D pieces for codebook [N, D]
+    capacity: int = 65536  # W
+    codebook_sizes: tuple[int, ...] = ()  # the N's to use, each with D = W / N; () is every N for which D is a
+    # power of 2 that divides vector_dim: [512, 128], [1024, 64], ..., [65536, 1] at the defaults
+    fixed: int = 0  # N of the one codebook to use alone (no attention, no Gumbel-softmax); 0 is the adaptive model
+    # codebook selection
+    heads: int = 4  # attention heads. The paper does not give the number; 4 is our choice
+    # Gumbel-softmax temperature. The paper does not give a schedule; we choose exponential decay from temp_start to
+    # temp_end over temp_anneal_iters steps, then constant: a high temperature early lets the relaxed gradient reach
+    # every codebook's score, a low one late makes the soft weights close to the hard choice the forward pass uses.
+    temp_start: float = 1.0
+    temp_end: float = 0.0625
+    temp_anneal_iters: int = 25000
+    # each codebook's quantizer (EMA, as in the paper)
+    beta: float = 0.25  # commitment weight (VQ-VAE)
+    decay: float = 0.99  # EMA decay (VQ-VAE)
+    eps: float = 1e-5  # Laplace smoothing of the EMA counts
+    init: str = "kmeans"  # "kmeans" | "data" (samples of the first batch) | "random" (N(0, 1))
+    kmeans_iters: int = 10
+    dead_code_threshold: float = 2.0  # reset codes used fewer times than this per window; 0 disables
+    dead_code_window: int = 10  # batches per window
+
+
+# Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
+# Config fields or train.py settings. The CPU presets keep 128-dim vectors and the paper's eight shapes of codebook
+# (D = 128, 64, ..., 1) but a capacity of W = 4096 instead of 65,536 ([32, 128], ..., [4096, 1]): the distances
+# cost (V / D) * (W / D) * D per vector, so W = 65,536 is 16 times the work of W = 4096, where one step of the
+# adaptive model at batch 32 already takes about 0.6 s on one CPU core (most of it in the [2048, 2] codebook). On a
+# GPU use the default W (the cifar10 preset and beyond).
+_CPU = dict(hidden=64, res_hidden=32, capacity=4096, batch_size=32, lr=1e-3, max_iters=1500, warmup_iters=50,
+            temp_anneal_iters=1500, eval_interval=500, eval_batches=10)
+PRESETS = {
+    "shapes": dict(_CPU),
+    "mnist": dict(_CPU),  # 28x28 -> a 7x7 grid of 128-dim vectors
+    "fashion_mnist": dict(_CPU),
+    "cifar10": dict(batch_size=128, lr=3e-4, max_iters=50000, temp_anneal_iters=50000),
+    "celeba": dict(batch_size=128, lr=3e-4, max_iters=100000, temp_anneal_iters=100000),
+}
+
+
+def codebook_shapes(cfg):
+    """The configurations [(N, D), ...] that cfg asks for, smallest N first, checked: N * D = W, D divides
+    vector_dim."""
+    W, V = cfg.capacity, cfg.vector_dim
+    if cfg.fixed:
+        sizes = (cfg.fixed,)
+    elif cfg.codebook_sizes:
+        sizes = tuple(sorted(set(cfg.codebook_sizes)))
+    else:
+        sizes = tuple(W // 2 ** i for i in range(int(math.log2(V)), -1, -1) if W % 2 ** i == 0)
+    shapes = []
+    for n in sizes:
+        if n < 1 or W % n or V % (W // n):
+            raise ValueError(f"codebook size N = {n} does not fit: N must divide the capacity W = {W} and "
+                             f"D = W / N must divide vector_dim = {V}")
+        shapes.append((n, W // n))
+    if not shapes:
+        raise ValueError(f"no codebook fits capacity {W} with vector_dim {V}")
+    return shapes
+
+
+def split_pieces(z, d):
+    """(M, V) -> (M * V / d, d): piece j of vector m is z[m, j*d:(j+1)*d], at row m * V/d + j. A view."""
+    return z.reshape(-1, d)
+
+
+def join_pieces(pieces, v):
+    """(M * V / d, d) -> (M, V): the inverse of split_pieces."""
+    return pieces.reshape(-1, v)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One codebook [N, D]: the EMA vector quantizer of vqvae.py, adapted (one group, EMA only, a fast path for D = 1)
+
+class CodebookQuantizer(nn.Module):
+    """Nearest-neighbour vector quantizer with an EMA codebook (VQ-VAE, arXiv:1711.00937, appendix A.1), data
+    initialisation and dead-code reset. Depends on torch only: copy it into your project.
+
+    forward(z) takes z (P, D) (here: the pieces of all vectors) and returns (z_q, codes, counts):
+      z_q    (P, D)  the code vectors, with straight-through gradients to z
+      codes  (P,)    int64 index of the nearest code
+      counts (K,)    assignments per code in this batch
+    The commitment loss is left to the caller (the model weighs it by which codebook each vector chose).
+
+    In training mode it also updates the codebook (after the lookup, so the caller's losses see the codebook as it
+    was), and under torch.distributed it keeps the codebook bitwise equal on every rank: counts and sums are
+    all-reduced, and the vectors for initialisation and dead-code reset are gathered from all ranks, picked on rank 0
+    and broadcast (every rank must pass the same number of vectors, as with equal batches). Everything inside runs in
+    float32 with autocast off: a bf16 distance matmul picks a different code for about 1% of vectors.
+    """
+
+    block = 2 ** 24  # entries of the distance buffer (64 MiB in float32), whatever the number of vectors and K
+
+    def __init__(self, codebook_size, dim, decay=0.99, eps=1e-5, init="kmeans", kmeans_iters=10,
+                 dead_code_threshold=2.0, dead_code_window=10):
+        super().__init__()
+        if init not in ("kmeans", "data", "random"):
+            raise ValueError(f"init must be 'kmeans', 'data' or 'random', got {init!r}")
+        self.codebook_size, self.dim, self.decay, self.eps = codebook_size, dim, decay, eps
+        self.init, self.kmeans_iters = init, kmeans_iters
+        self.dead_code_threshold, self.dead_code_window = dead_code_threshold, dead_code_window
+        codebook = torch.randn(codebook_size, dim)  # replaced from data on the first batch unless init="random"
+        self.register_buffer("codebook", codebook)  # moved by EMA, not by the optimizer
+        self.register_buffer("ema_count", torch.ones(codebook_size))  # N_k, EMA of assignment counts
+        self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of the sums of assigned vectors
+        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in this dead-code window
+        self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
+        self.register_buffer("initialized", torch.tensor(init == "random"))
+        # Host copies of `initialized` and `window_step`, so that a training step reads no value back from the device
+        # (on a GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth
+        # for checkpoints; the copies are read from them at the first training step after construction or loading.
+        self._host_initialized = self._host_window_step = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
+
+    # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
+    @staticmethod
+    def _all_reduce(t):  # sum over ranks, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def _broadcast(t):  # rank 0's value everywhere, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(t, src=0)
+        return t
+
+    @staticmethod
+    def _gather(z):  # (P, D) from every rank -> (world * P, D), the same on every rank; P must be equal on all ranks
+        if not (dist.is_available() and dist.is_initialized()):
+            return z
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    # -- nearest code -----------------------------------------------------------------------------------------------
+
+    def nearest(self, z, codebook=None):
+        """Index of the nearest code for each row of z (P, D): (P,). D = 1 takes the sorted path (exact), any other D
+        the chunked one (exact up to the float32 rounding of ||e||^2 - 2 z.e); neither builds a (P, K) matrix."""
+        e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
+        z = z.detach().float()
+        if self.dim == 1:
+            return self._nearest_sorted(z[:, 0], e[:, 0])
+        return self._nearest_chunked(z, e)
+
+    def _nearest_chunked(self, z, e):
+        """Distances in chunks of rows, so that the (rows, K) block stays at `block` entries whatever P and K are:
+        K = 65,536 codes for 65,536 vectors needs no (P, K) matrix."""
+        e_sq = (e * e).sum(-1)  # (K,)
+        P, K = z.shape[0], e.shape[0]
+        chunk = min(P, max(1, self.block // K))  # rows per chunk
+        codes = torch.empty(P, dtype=torch.long, device=z.device)
+        d = self._buffer(chunk, K, z.device)  # one buffer for every chunk: no allocation per chunk
+        for i in range(0, P, chunk):
+            zc = z[i:i + chunk]  # (c, D)
+            dc = d[:zc.shape[0]]
+            # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
+            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
+            codes[i:i + chunk] = dc.argmin(-1)
+        return codes
+
+    @staticmethod
+    def _buffer(rows, K, device):
+        """The distance buffer, (rows, K) float32; a method of its own so that a test can see its size."""
+        return torch.empty(rows, K, device=device)
+
+    @staticmethod
+    def _nearest_sorted(z, e):
+        """Nearest of K scalar codes e (K,) for each scalar z (P,), by binary search in the sorted codes: O(P log K)
+        time and O(P + K) memory. Our addition, not the paper's: for D = 1 the chunked distances cost P * K, which
+        for the [65536, 1] codebook is most of a CPU step. Ties go to the lower of the two neighbours' values."""
+        K = e.shape[0]
+        if K == 1:
+            return torch.zeros_like(z, dtype=torch.long)
+        values, order = e.sort()  # (K,), (K,)
+        right = torch.searchsorted(values, z).clamp(1, K - 1)  # (P,) first code >= z (clamped into 1..K-1)
+        left = right - 1
+        pick = torch.where(z - values[left] <= values[right] - z, left, right)  # (P,) rank of the nearest
+        return order[pick]
+
+    def lookup(self, codes):
+        """codes (...) -> code vectors (..., D); indexing, not a one-hot matmul."""
+        return self.codebook[codes]
+
+    # -- forward ----------------------------------------------------------------------------------------------------
+
+    def forward(self, z):
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
+            z = z.float()  # (P, D)
+            if self.training and self._host_initialized is None:  # once after construction or loading
+                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
+            if self.training and not self._host_initialized:
+                self._init_codebook(z.detach())
+            codes = self.nearest(z)  # (P,)
+            e = self.lookup(codes)  # (P, D), a copy: the update below does not change it
+            # straight-through: the forward value is exactly e, and the gradient of z_q goes to z unchanged
+            z_q = e + (z - z.detach())
+            counts = self._counts(codes)  # (K,), this rank's batch
+            if self.training:  # quantize first (the caller's losses use e), then update the codebook
+                self._update(z.detach(), codes, counts)
+        return z_q, codes, counts
+
+    def _counts(self, codes):
+        """Assignments per code, (K,). An index_add_ of ones rather than torch.bincount, which on a GPU reads the
+        largest index back to the host; sums of ones are exact in float32 (up to 2^24 per code)."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
+
+    # -- codebook updates (training mode only; every rank runs the same collectives) ---------------------------------
+
+    @torch.no_grad()
+    def _update(self, z, codes, counts):
+        counts = self._all_reduce(counts.clone())  # (K,) over all ranks
+        sums = torch.zeros_like(self.codebook).index_add_(0, codes, z)  # (K, D)
+        sums = self._all_reduce(sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        # Laplace smoothing keeps an unused code's count above zero so the division is safe
+        n = self.ema_count.sum()
+        count = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n  # (K,)
+        self.codebook.copy_(self.ema_sum / count[:, None])
+        if self.dead_code_threshold > 0:
+            self.usage.add_(counts)
+            self.window_step.add_(1)
+            self._host_window_step += 1
+            if self._host_window_step >= self.dead_code_window:
+                self._reset_dead_codes(z)
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, z):
+        """Move every code used fewer than `dead_code_threshold` times in the window onto a random piece of this
+        batch, drawn from all ranks' pieces by rank 0 and broadcast. Its EMA count and sum are reset with it, or the
+        next EMA step would drag the code back to where it was."""
+        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
+        z = self._gather(z)  # (world * P, D)
+        # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
+        candidates = z[torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
+        self._broadcast(candidates)
+        self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
+        self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
+        self.ema_count.masked_fill_(dead, 1.0)
+        self.usage.zero_()
+        self.window_step.zero_()
+        self._host_window_step = 0
+
+    @torch.no_grad()
+    def _init_codebook(self, z):
+        """Initialise the codebook from the first batch: k-means on (or a random sample of) the pieces of all ranks,
+        computed on each and broadcast from rank 0 so that every rank starts from the same codebook."""
+        z = self._gather(z)  # (world * P, D)
+        idx = torch.randperm(z.shape[0], device=z.device)[:self.codebook_size]
+        if idx.numel() < self.codebook_size:  # fewer pieces than codes: sample with replacement
+            idx = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
+        codebook = z[idx].clone()  # (K, D)
+        if self.init == "kmeans":  # Lloyd's iterations
+            for _ in range(self.kmeans_iters):
+                codes = self.nearest(z, codebook)
+                counts = self._counts(codes)[:, None]  # (K, 1)
+                sums = torch.zeros_like(codebook).index_add_(0, codes, z)  # (K, D)
+                # an empty cluster keeps its previous centre
+                codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
+        self._broadcast(codebook)
+        self.codebook.copy_(codebook)
+        self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+        self._host_initialized = True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Choosing a codebook per vector: multi-head attention scores and the hard Gumbel-softmax
+
+class CodebookSelector(nn.Module):
+    """Scores the n candidates of each vector by multi-head attention, the encoder vector as the query and the
+    candidates as the keys: head h gives softmax_i(q_h . k_ih / sqrt(d_h)) over the candidates, and the score of
+    candidate i is the log of its attention weight averaged over heads (what nn.MultiheadAttention returns as its
+    averaged weights). The paper does not say how the heads are combined; averaging them is our choice. A learned
+    embedding per codebook is added to its candidate before the key projection (also ours), so the scores can
+    prefer a codebook for what it is as well as for how close its candidate lies to the vector."""
+
+    def __init__(self, dim, n, heads):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"vector_dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.codebook_embedding = nn.Parameter(torch.zeros(n, dim))
+
+    def forward(self, z, candidates):
+        """z (M, V), candidates (M, n, V) -> log attention weights (M, n)."""
+        M, n, V = candidates.shape
+        q = self.query(z).view(M, 1, self.heads, -1)  # (M, 1, H, V/H)
+        k = self.key(candidates + self.codebook_embedding).view(M, n, self.heads, -1)  # (M, n, H, V/H)
+        attn = ((q * k).sum(-1) / math.sqrt(V // self.heads)).softmax(1)  # (M, n, H), over the candidates
+        return attn.mean(-1).clamp(min=1e-20).log()  # (M, n)
+
+
+def gumbel_softmax_hard(logits, tau):
+    """The hard, straight-through Gumbel-softmax (Jang et al., arXiv:1611.01144): the forward value is the one-hot
+    argmax of (logits + g) / tau, g ~ Gumbel(0, 1), a sample of softmax(logits); the backward pass takes the
+    gradient of the soft sample softmax((logits + g) / tau). logits (M, n) -> (M, n). tau is a tensor, so that the
+    temperature buffer is never copied to the host (F.gumbel_softmax wants a Python float)."""
+    g = -torch.empty_like(logits).exponential_().log()  # -log of an Exp(1) draw is Gumbel(0, 1)
+    soft = ((logits + g) / tau).softmax(-1)  # (M, n)
+    hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)  # (M, n), one-hot
+    return hard - soft.detach() + soft  # hard in value (up to rounding), soft in gradient
+
+
+def temperature_at(step, cfg):
+    """Gumbel-softmax temperature: temp_start * (temp_end / temp_start)^(step / temp_anneal_iters) until
+    temp_anneal_iters, then temp_end."""
+    frac = min(step / max(cfg.temp_anneal_iters, 1), 1.0)
+    return cfg.temp_start * (cfg.temp_end / cfg.temp_start) ** frac
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoder and decoder (VQ-VAE, section 4.1: strided convolutions and residual blocks)
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, hidden):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) -> (B, hidden, H/downsample, W/downsample)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        steps = int(math.log2(cfg.downsample))
+        layers, ch = [], cfg.in_channels
+        for i in range(steps):  # each stride-2 conv halves the side
+            out = cfg.hidden if i == steps - 1 else cfg.hidden // 2
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1), nn.ReLU()]
+            ch = out
+        layers += [nn.Conv2d(ch, cfg.hidden, 3, padding=1)]
+        layers += [ResBlock(cfg.hidden, cfg.res_hidden) for _ in range(cfg.res_blocks)]
+        layers += [nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, hidden, h, w) -> (B, C, h*downsample, w*downsample)"""
+
+    def __init__(self, cfg):
+        super().__init__()
+        steps = int(math.log2(cfg.downsample))
+        layers = [nn.Conv2d(cfg.hidden, cfg.hidden, 3, padding=1)]
+        layers += [ResBlock(cfg.hidden, cfg.res_hidden) for _ in range(cfg.res_blocks)]
+        ch = cfg.hidden
+        for i in range(steps):  # each transposed conv doubles the side
+            last = i == steps - 1
+            out = cfg.in_channels if last else cfg.hidden // 2
+            layers += [nn.ReLU(), nn.ConvTranspose2d(ch, out, 4, stride=2, padding=1)]
+            ch = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Model(nn.Module):
+    """Encoder -> 1x1 projection to vector_dim -> one CodebookQuantizer per [N, D] -> candidates -> attention +
+    Gumbel-softmax choose one (or the only one, in fixed mode) -> 1x1 projection back -> Decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.downsample < 2 or cfg.downsample & (cfg.downsample - 1):
+            raise ValueError(f"downsample must be a power of 2 and at least 2, got {cfg.downsample}")
+        if cfg.image_size % cfg.downsample:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by downsample {cfg.downsample}")
+        self.cfg = cfg
+        self.shapes = codebook_shapes(cfg)  # [(N, D), ...]
+        self.names = [f"{n}x{d}" for n, d in self.shapes]
+        self.encoder = Encoder(cfg)
+        self.pre_quant = nn.Conv2d(cfg.hidden, cfg.vector_dim, 1)
+        self.quantizers = nn.ModuleList(
+            CodebookQuantizer(n, d, decay=cfg.decay, eps=cfg.eps, init=cfg.init, kmeans_iters=cfg.kmeans_iters,
+                              dead_code_threshold=cfg.dead_code_threshold, dead_code_window=cfg.dead_code_window)
+            for n, d in self.shapes)
+        # fixed mode (or a single size): nothing to choose, so no selector and no unused parameters under DDP
+        self.selector = CodebookSelector(cfg.vector_dim, len(self.shapes), cfg.heads) if self.adaptive else None
+        self.post_quant = nn.Conv2d(cfg.vector_dim, cfg.hidden, 1)
+        self.decoder = Decoder(cfg)
+        # set by set_step; a buffer so that it is saved with the model and a resumed run starts where it stopped
+        self.register_buffer("temperature", torch.tensor(float(cfg.temp_start)))
+
+    @property
+    def adaptive(self):
+        return len(self.shapes) > 1
+
+    def set_step(self, step):
+        """train.py's hook, called before every optimizer step: the Gumbel-softmax temperature for this step."""
+        self.temperature.fill_(temperature_at(step, self.cfg))
+
+    def _latents(self, x):
+        """(B, C, H, W) -> encoder vectors (B, h, w, V), channels last."""
+        return self.pre_quant(self.encoder(x)).permute(0, 2, 3, 1)
+
+    def _decode_latents(self, z_q):
+        """(B, h, w, V) -> (B, C, H, W)"""
+        return self.decoder(self.post_quant(z_q.permute(0, 3, 1, 2)))
+
+    def _candidates(self, z):
+        """z (M, V) -> candidates (M, n, V), straight-through to z; codes, a list of (M, V / D_i) per codebook; and
+        the batch's code perplexity averaged over codebooks, for logging.
+        In training mode every codebook sees every vector and is updated by EMA, chosen or not: the paper does not
+        say; we do it so that no codebook starves while the selector is still deciding, and so that every rank runs
+        the same collectives whatever its choices."""
+        V = self.cfg.vector_dim
+        candidates, codes, perplexities = [], [], []
+        for quantizer, (n, d) in zip(self.quantizers, self.shapes):
+            z_q, c, counts = quantizer(split_pieces(z, d))  # (M * V/d, d), (M * V/d,), (N,)
+            candidates.append(join_pieces(z_q, V))  # (M, V)
+            codes.append(c.view(-1, V // d))  # (M, V/d)
+            p = counts / counts.sum()
+            perplexities.append(torch.exp(-(p * torch.log(p + 1e-10)).sum()))
+        # of this batch, averaged over the codebooks (a whole split's perplexity per codebook is eval.py's)
+        return torch.stack(candidates, 1), codes, torch.stack(perplexities).mean()
+
+    def _choose(self, z, candidates):
+        """One-hot choice (M, n) of a candidate per vector. Training: the hard straight-through Gumbel-softmax at
+        the current temperature (forward one-hot, backward the soft sample's gradient, to the attention). Eval: the
+        highest score, no noise, so that encode/decode and forward agree."""
+        M, n = candidates.shape[:2]
+        if not self.adaptive:
+            return torch.ones(M, 1, device=z.device, dtype=candidates.dtype)
+        logits = self.selector(z, candidates)  # (M, n)
+        if self.training:
+            return gumbel_softmax_hard(logits, self.temperature)
+        return torch.zeros_like(logits).scatter_(1, logits.argmax(1, keepdim=True), 1.0)  # (M, n), one-hot
+
+    def _quantize(self, z):
+        """z (M, V) -> chosen candidate z_q (M, V), choice (M, n), candidates (M, n, V), codes list, perplexity."""
+        with torch.autocast(device_type=z.device.type, enabled=False):  # scores and choice in float32 as well
+            z = z.float()
+            candidates, codes, perplexity = self._candidates(z)  # (M, n, V)
+            y = self._choose(z, candidates)  # (M, n)
+            # the chosen candidate: exactly it in the forward pass (y is 0 or 1); the gradient reaches y (hence the
+            # attention) through <dL/dz_q, candidate_i>, and the chosen candidate (hence z, straight through)
+            z_q = (y.unsqueeze(-1) * candidates).sum(1)  # (M, V)
+        return z_q, y, candidates, codes, perplexity.detach()
+
+    def forward(self, x):
+        z = self._latents(x)  # (B, h, w, V)
+        B, h, w, V = z.shape
+        z_flat = z.reshape(-1, V)  # (M, V)
+        z_q, y, candidates, _, perplexity = self._quantize(z_flat)
+        x_hat = self._decode_latents(z_q.view(B, h, w, V))  # (B, C, H, W)
+        recon = F.mse_loss(x_hat.float(), x.float())
+        # commitment beta * ||z - sg(e)||^2 to the candidate each vector chose (the codebooks move by EMA). Our
+        # choice: committing to every candidate would pull the encoder toward codebooks it does not use.
+        per_candidate = ((z_flat.float().unsqueeze(1) - candidates.detach()) ** 2).mean(-1)  # (M, n)
+        commit = (y.detach() * per_candidate).sum(1).mean()
+        stats = {"recon": recon.detach(), "commit": commit.detach(), "perplexity": perplexity}
+        if self.adaptive:
+            stats["temperature"] = self.temperature.detach().clone()
+            freq = y.detach().mean(0)  # (n,)
+            stats.update({f"choice_{name}": freq[i] for i, name in enumerate(self.names)})
+        return x_hat, recon + self.cfg.beta * commit, stats
+
+    @torch.no_grad()
+    def encode(self, x):
+        """(B, C, H, W) -> (choice, codes): choice (B, h, w) the index of the chosen codebook, codes (B, h, w, V)
+        its codes for the V / D pieces of the vector, padded with -1 to V entries. The codebooks are left as they
+        are; in eval mode this is the choice forward makes."""
+        z = self._latents(x)  # (B, h, w, V)
+        B, h, w, V = z.shape
+        _, y, _, codes, _ = self._quantize(z.reshape(-1, V))
+        choice = y.argmax(1)  # (M,)
+        out = torch.full((B * h * w, V), -1, dtype=torch.long, device=z.device)
+        for i, c in enumerate(codes):  # (M, V/D_i)
+            rows = choice == i
+            out[rows, :c.shape[1]] = c[rows]
+        return choice.view(B, h, w), out.view(B, h, w, V)
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """(choice, codes) as encode gives them -> (B, C, H, W)."""
+        choice, codes = codes
+        B, h, w, V = codes.shape
+        choice, codes = choice.reshape(-1), codes.reshape(-1, V)  # (M,), (M, V)
+        z_q = torch.zeros(B * h * w, V, device=codes.device)
+        for i, (quantizer, (n, d)) in enumerate(zip(self.quantizers, self.shapes)):
+            rows = choice == i
+            z_q[rows] = join_pieces(quantizer.lookup(codes[rows, :V // d]), V)  # (m, V/d, d) -> (m, V)
+        return self._decode_latents(z_q.view(B, h, w, V))
+
+    @torch.no_grad()
+    def latents(self, x):
+        """For eval.py: {"<N>x<D>": (codebook (N, D), pieces (P, D), codes (P,))}, one entry per codebook, over the
+        pieces of every vector (what the codebook quantizes and learns from), chosen or not."""
+        V = self.cfg.vector_dim
+        z = self._latents(x).reshape(-1, V).float()  # (M, V)
+        out = {}
+        for name, quantizer, (n, d) in zip(self.names, self.quantizers, self.shapes):
+            pieces = split_pieces(z, d)  # (M * V/d, d)
+            out[name] = (quantizer.codebook.detach().float(), pieces, quantizer.nearest(pieces))
+        return out
+
+    def eval_stats(self, x):
+        """For eval.py: batch means of
+          choice/<N>x<D>      the fraction of vectors that choose this codebook (adaptive model)
+          quant_error         ||z - z_q||^2 / V per vector, z_q the chosen candidate; quant_error/<N>x<D> for each
+                              codebook's own candidate
+          grad_gap            the gradient gap: per image, || dl/dz_q - dl/dz ||_2, where l is that image's
+                              reconstruction MSE, dl/dz_q the gradient at the quantized latents (what the
+                              straight-through estimator hands to the encoder) and dl/dz the gradient the decoder
+                              would give if it were fed the continuous latents z instead. Zero when quantization
+                              changes nothing; it measures how far the straight-through gradient is from the
+                              gradient of the continuous path. grad_gap_rel divides it by || dl/dz ||_2.
+        eval.py calls this under no_grad; the gradient gap turns gradients back on for itself."""
+        z = self._latents(x).detach().contiguous()  # (B, h, w, V), laid out as z_q below: the same decoder arithmetic
+        B, h, w, V = z.shape
+        z_q, y, candidates, _, _ = self._quantize(z.reshape(-1, V))
+        z_flat = z.reshape(-1, 1, V).float()
+        per_candidate = ((z_flat - candidates) ** 2).mean(-1)  # (M, n)
+        out = {"quant_error": (y * per_candidate).sum(1).mean()}
+        for i, name in enumerate(self.names):
+            out[f"quant_error/{name}"] = per_candidate[:, i].mean()
+            if self.adaptive:
+                out[f"choice/{name}"] = y[:, i].mean()
+        grads = []
+        for latent in (z_q.view(B, h, w, V), z.float()):  # straight-through, then continuous
+            with torch.enable_grad():
+                latent = latent.detach().requires_grad_(True)
+                per_image = ((self._decode_latents(latent).float() - x.float()) ** 2).flatten(1).mean(1)  # (B,)
+                # the sum over images: each image's gradient is that of its own loss
+                grads.append(torch.autograd.grad(per_image.sum(), latent)[0].flatten(1))  # (B, h*w*V)
+        gap = (grads[0] - grads[1]).norm(dim=1)  # (B,)
+        out["grad_gap"] = gap.mean()
+        out["grad_gap_rel"] = (gap / grads[1].norm(dim=1).clamp(min=1e-12)).mean()
+        return out
