@@ -351,9 +351,9 @@ def make_loaders(tcfg, mcfg, device, rank, world):
     sampler = EpochSampler(train_set, tcfg.seed, world, rank)
     common = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
                   persistent_workers=tcfg.num_workers > 0)
-    # its own generator too: each new iterator (at the start, at every epoch and after a resume) draws its workers'
-    # base seed from the loader's generator, so that a resumed run's global RNG stream, restored from the
-    # checkpoint, is not advanced by one draw that the uninterrupted run made before the checkpoint
+    # its own generator: each new iterator (at the start, every epoch, after a resume) draws its workers' base seed
+    # from it, not from the global RNG, which a resume restores from the checkpoint and must then equal the
+    # uninterrupted run's
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True,
                                                generator=torch.Generator().manual_seed(tcfg.seed), **common)
     # its own generator: a validation draws nothing from the global RNG, so it does not change the training run
