@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adaptive_vq
 import data
 import vqvae
+import vqvae2
 from vqvae import Config, Model, VectorQuantizer
 
 
@@ -166,15 +168,17 @@ def test_dead_codes_move_onto_batch_vectors_and_their_ema_is_reset():
     assert torch.allclose(vq.codebook[2:], moved, atol=1e-3)
 
 
-def test_the_dead_code_window_survives_a_state_dict_round_trip():
+# The same EMA quantizer, copied into each model file that uses it: each copy keeps host copies of its window.
+@pytest.mark.parametrize("quantizer", [VectorQuantizer, vqvae2.VectorQuantizer, adaptive_vq.CodebookQuantizer])
+def test_the_dead_code_window_survives_a_state_dict_round_trip(quantizer):
     torch.manual_seed(0)
-    vq = VectorQuantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
+    vq = quantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
     with torch.no_grad():
         vq.codebook[2:] = 100.0
         vq.ema_sum[2:] = 100.0
     z = torch.rand(32, 2)
     vq(z), vq(z)  # two batches of the window of three
-    fresh = VectorQuantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
+    fresh = quantizer(4, 2, init="random", dead_code_threshold=2, dead_code_window=3)
     fresh(z)  # its own window has started: loading must replace that position, not add to it
     fresh.load_state_dict(vq.state_dict())
     assert fresh.window_step == 2
