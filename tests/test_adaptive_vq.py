@@ -79,36 +79,38 @@ def test_sorted_path_for_scalar_codes_finds_the_nearest_code():
     assert torch.equal(dist_got, dist_best)
 
 
-def test_chunked_distances_agree_with_brute_force_and_keep_to_their_block(monkeypatch):
+@pytest.fixture
+def buffer_shapes(monkeypatch):
+    """The (rows, K) of every distance buffer CodebookQuantizer allocates while the test runs."""
     shapes = []
     real = CodebookQuantizer._buffer
     monkeypatch.setattr(CodebookQuantizer, "_buffer",
                         staticmethod(lambda rows, K, device: shapes.append((rows, K)) or real(rows, K, device)))
+    return shapes
+
+
+def test_chunked_distances_agree_with_brute_force_and_keep_to_their_block(buffer_shapes):
     torch.manual_seed(0)
     q = CodebookQuantizer(64, 4, init="random")
     q.block = 1000  # 15 rows of 64 codes per chunk
     z = torch.randn(300, 4)
     assert torch.equal(q.nearest(z), brute_force_nearest(z, q.codebook))
-    assert shapes == [(15, 64)]  # one buffer, reused for all 20 chunks
+    assert buffer_shapes == [(15, 64)]  # one buffer, reused for all 20 chunks
 
 
-def test_the_65536_codebook_runs_in_bounded_memory(monkeypatch):
+def test_the_65536_codebook_runs_in_bounded_memory(buffer_shapes):
     """K = 65,536: the chunked path never holds more than `block` distances (a (P, K) matrix for the P = 65,536
     pieces below would be 16 GiB), and training on 65,536 scalar pieces takes the sorted path, which builds none."""
-    shapes = []
-    real = CodebookQuantizer._buffer
-    monkeypatch.setattr(CodebookQuantizer, "_buffer",
-                        staticmethod(lambda rows, K, device: shapes.append((rows, K)) or real(rows, K, device)))
     torch.manual_seed(0)
     q = CodebookQuantizer(65536, 1, init="data")
     z = torch.randn(65536, 1)
     q.train()
     z_q, codes, counts = q(z)  # data init + nearest + EMA on the full codebook
-    assert shapes == [] and bool(q.initialized) and counts.sum() == 65536
+    assert buffer_shapes == [] and bool(q.initialized) and counts.sum() == 65536
     assert float(((z_q - z) ** 2).mean()) < 1e-4  # 65,536 scalar codes drawn from the data quantize it finely
     sub = z[:2048]
     chunked = q._nearest_chunked(sub, q.codebook)  # the path every D > 1 takes, here at K = 65,536
-    assert shapes == [(256, 65536)] and 256 * 65536 <= CodebookQuantizer.block
+    assert buffer_shapes == [(256, 65536)] and 256 * 65536 <= CodebookQuantizer.block
     # the chunked path's ||e||^2 - 2 z.e is exact up to float32 rounding (~1e-6 here, where 65,536 codes lie about
     # 1e-4 apart): its choice is as near as the best up to that rounding
     excess = (sub - q.codebook[chunked]) ** 2 - (sub - q.codebook[q.nearest(sub)]) ** 2
