@@ -3,6 +3,8 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 # the tests import the project's files (vqvae.py, train.py, ...) from the repository root
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,4 +48,25 @@ def steps_without_host_reads(monkeypatch):
                 m.setattr(torch.Tensor, name, refuse)
             for _ in range(steps):
                 model(x)[1].backward()
+    return run
+
+
+def _gloo_rank(rank, work, init_file, out_dir, args):
+    """One process of two_gloo_ranks: join the process group, run work(rank, *args), save what it returns."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        torch.save(work(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def two_gloo_ranks(tmp_path):
+    """two_gloo_ranks(work, *args) -> (rank 0's result, rank 1's result): runs work(rank, *args) in two processes
+    joined in a gloo process group on the CPU, as torchrun would. `work` is a module-level function (the processes
+    import it) returning tensors, numbers, lists or dicts of them."""
+    def run(work, *args):
+        mp.spawn(_gloo_rank, args=(work, str(tmp_path / "init"), str(tmp_path), args), nprocs=2, join=True)
+        return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     return run

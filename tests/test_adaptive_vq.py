@@ -7,8 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import adaptive_vq
 import eval as evaluation
@@ -294,9 +292,7 @@ def test_eval_stats_choice_frequencies_quant_error_and_gradient_gap(monkeypatch)
 DEAD_BELOW = 150  # uses per window of 2 batches below which a code is reset: high, so that some codes are reset
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank):
     torch.manual_seed(0)
     model = Model(small_config(dead_code_window=2, dead_code_threshold=DEAD_BELOW))
     torch.manual_seed(1000 + rank)  # from here on each rank draws different numbers (data, Gumbel noise, resets)
@@ -309,14 +305,11 @@ def _ddp_worker(rank, world, init_file, out_dir):
     for step in range(4):
         model.set_step(step)
         model(images(seed=100 * rank + step) * 0.5 + 0.4 * rank)  # different data on each rank
-    torch.save({"state": model.state_dict(), "resets": resets}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"state": model.state_dict(), "resets": resets}
 
 
-def test_two_gloo_ranks_keep_every_codebook_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_two_gloo_ranks_keep_every_codebook_identical(two_gloo_ranks):
+    r0, r1 = two_gloo_ranks(_ddp_worker)
     assert r0["resets"] == r1["resets"] and len(r0["resets"]) == 8  # 4 codebooks, resets at batches 2 and 4
     assert sum(r0["resets"]) > 0, "no code was ever dead: the reset path was not exercised"
     n = 0

@@ -1,18 +1,12 @@
 """The quantizer under torch.distributed: two gloo ranks on different data keep bitwise-equal codebooks."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from vqvae import VectorQuantizer
 
 
-def _worker(rank, world, init_file, out_dir, groups):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank, groups):
     torch.manual_seed(0)
     vq = VectorQuantizer(64, 4, groups=groups, init="kmeans", dead_code_threshold=2, dead_code_window=3)
     torch.manual_seed(1000 + rank)  # from here on each rank draws different random numbers, as in training
@@ -29,15 +23,12 @@ def _worker(rank, world, init_file, out_dir, groups):
         # different data on each rank: rank 1's vectors sit one unit away from rank 0's
         z = torch.randn(96, 4) * 0.5 + rank
         vq(z)
-    torch.save({"state": vq.state_dict(), "dead": dead_at_reset}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"state": vq.state_dict(), "dead": dead_at_reset}
 
 
 @pytest.mark.parametrize("groups", [1, 2])  # the plain quantizer, and one sub-codebook per group (MGVQ)
-def test_two_gloo_ranks_keep_identical_codebooks(tmp_path, groups):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), groups), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_two_gloo_ranks_keep_identical_codebooks(two_gloo_ranks, groups):
+    r0, r1 = two_gloo_ranks(_worker, groups)
     assert r0["dead"] == r1["dead"] and len(r0["dead"]) == 3  # resets at batches 3, 6 and 9
     assert sum(r0["dead"]) > 0, "no code was ever dead: the reset path was not exercised"
     assert bool(r0["state"]["initialized"])

@@ -5,8 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import data
 import eval as evaluation
@@ -156,9 +154,7 @@ def test_presets_fit_their_datasets_and_match_exactly():
 
 # -- DDP: both codebooks stay bitwise equal ---------------------------------------------------------------------------
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank):
     torch.manual_seed(0)
     model = Model(small_config(dead_code_window=2))  # the same weights on every rank
     torch.manual_seed(1000 + rank)  # from here on each rank draws different data
@@ -175,14 +171,11 @@ def _ddp_worker(rank, world, init_file, out_dir):
     for _ in range(4):
         x = (torch.rand(4, 3, 16, 16) * 2 - 1) * (0.5 + 0.5 * rank)  # different data on each rank
         model(x)  # train mode: data init, EMA updates, dead-code resets at batches 2 and 4
-    torch.save({"state": model.state_dict(), "dead": dead_at_reset}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"state": model.state_dict(), "dead": dead_at_reset}
 
 
-def test_two_gloo_ranks_keep_both_codebooks_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_two_gloo_ranks_keep_both_codebooks_identical(two_gloo_ranks):
+    r0, r1 = two_gloo_ranks(_ddp_worker)
     assert r0["dead"] == r1["dead"]
     for name in ("quant_t", "quant_b"):
         dead = [n for level, n in r0["dead"] if level == name]

@@ -8,8 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import data
 import eval as ev
@@ -231,9 +229,7 @@ def test_adaptive_weight_is_zero_before_disc_start_and_finite_after():
 
 # -- DDP: two gloo ranks on different data ---------------------------------------------------------------------------
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_worker(rank):
     torch.manual_seed(0)
     q = WarmupQuantizer(32, 4, usage_decay=0.9, respawn_threshold=0.5, respawn_every=2, bank_size=256)
     torch.manual_seed(1000 + rank)  # from here on each rank draws different random numbers, as in training
@@ -244,14 +240,11 @@ def _ddp_worker(rank, world, init_file, out_dir):
             preds.append(q.predicted_dim())
             q.switch(z)
         q(z)
-    torch.save({"state": q.state_dict(), "preds": preds}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return {"state": q.state_dict(), "preds": preds}
 
 
-def test_two_gloo_ranks_keep_identical_codebook_and_usage(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+def test_two_gloo_ranks_keep_identical_codebook_and_usage(two_gloo_ranks):
+    r0, r1 = two_gloo_ranks(_ddp_worker)
     assert r0["preds"] == r1["preds"]  # the same switch decision on every rank
     shared = ("codebook", "usage", "phase", "respawn_step")
     for name in shared:
