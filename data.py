@@ -3,6 +3,8 @@ Image datasets for training vector-quantized autoencoders.
 
 get_dataset(name, split, data_dir, image_size) returns a torch Dataset whose items
 are float32 tensors of shape (C, H, W) scaled to [-1, 1], without labels.
+get_labels(name, split, data_dir) returns their class labels, in the same order, for
+the labelled datasets (mnist, fashion_mnist, cifar10), and None for the others.
 
 - shapes: coloured shapes on gradient backgrounds, rendered on the fly (no files needed)
 - mnist, fashion_mnist: IDX files, as published
@@ -80,6 +82,22 @@ def get_dataset(name, split, data_dir=None, image_size=None):
     if name == "celeba":
         return celeba(root, split, size)
     return image_folder(name, root, split, size)
+
+
+def get_labels(name, split, data_dir=None):
+    """Class labels, int64 (N,), of get_dataset(name, split, data_dir)'s images in the same order; None for a
+    dataset without labels, and for MNIST-style files without their label files beside them."""
+    if name not in ("mnist", "fashion_mnist", "cifar10") or data_dir is None:
+        return None
+    root = Path(data_dir)
+    if name == "cifar10":
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        return np.concatenate([read_cifar_batch(root / "cifar-10-batches-py" / n, "labels") for n in names])
+    stem = "train-labels-idx1-ubyte" if split == "train" else "t10k-labels-idx1-ubyte"
+    for path in (root / stem, root / f"{stem}.gz"):
+        if path.is_file():
+            return read_idx(path, 2049, 1).astype(np.int64)
+    return None
 
 # -----------------------------------------------------------------------------
 # shapes: the embedded default, small enough for a conv autoencoder to learn on a CPU
@@ -166,21 +184,29 @@ def mnist(name, root, split, size):
 
 def read_idx_images(path):
     """An IDX image file (plain or gzip) -> uint8 array (N, rows, cols)."""
+    return read_idx(path, 2051, 3)
+
+
+def read_idx(path, magic, ndim):
+    """An IDX file of uint8 values (plain or gzip), images (magic 2051, 3 dims) or labels (2049, 1 dim) -> uint8
+    array of `ndim` dims."""
+    kind = "image" if magic == 2051 else "label"
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot read: {err}") from err
-    if raw[:4] != (2051).to_bytes(4, "big"):
-        raise DataError(f"{path} is not an IDX image file (magic 0x{raw[:4].hex()}, "
-                        "expected 0x00000803)")
-    if len(raw) < 16:
-        raise DataError(f"{path} is truncated: expected a 16-byte header, found {len(raw)} bytes")
-    n, rows, cols = np.frombuffer(raw, ">i4", count=3, offset=4)
-    expected = 16 + int(n) * int(rows) * int(cols)
+    if raw[:4] != magic.to_bytes(4, "big"):
+        raise DataError(f"{path} is not an IDX {kind} file (magic 0x{raw[:4].hex()}, "
+                        f"expected 0x{magic:08x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: expected a {header}-byte header, found {len(raw)} bytes")
+    shape = [int(v) for v in np.frombuffer(raw, ">i4", count=ndim, offset=4)]
+    expected = header + int(np.prod(shape))
     if len(raw) != expected:
         problem = "truncated" if len(raw) < expected else "too long"
         raise DataError(f"{path} is {problem}: expected {expected} bytes, found {len(raw)}")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows, cols)
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
 def cifar10(root, split, size):
@@ -213,21 +239,26 @@ class NumpyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_cifar_batch(path):
-    """A CIFAR-10 python batch -> uint8 array (N, 3072)."""
+def read_cifar_batch(path, key="data"):
+    """A CIFAR-10 python batch -> its images, uint8 array (N, 3072), or with key "labels" its labels, int64 (N,)."""
     try:
         with open(path, "rb") as f:
             # the batches were pickled by Python 2: its str keys come back as bytes
             batch = NumpyUnpickler(f, encoding="bytes").load()
     except Exception as err:  # a damaged pickle can fail in many ways, all meaning "not a batch"
         raise DataError(f"{path}: not a CIFAR-10 batch: {err}") from err
-    data = batch.get(b"data") if isinstance(batch, dict) else None
-    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8
-            and data.ndim == 2 and data.shape[1] == 3072):
-        found = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data)
+    value = batch.get(key.encode()) if isinstance(batch, dict) else None
+    if key == "labels":
+        labels = np.asarray(value) if isinstance(value, list) else None
+        if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise DataError(f"{path}: expected a dict whose b'labels' is a list of integers, found {type(value)}")
+        return labels.astype(np.int64)
+    if not (isinstance(value, np.ndarray) and value.dtype == np.uint8
+            and value.ndim == 2 and value.shape[1] == 3072):
+        found = f"{value.dtype} array {value.shape}" if isinstance(value, np.ndarray) else type(value)
         raise DataError(f"{path}: expected a dict whose b'data' is a uint8 array of shape "
                         f"(N, 3072), found {found}")
-    return data
+    return value
 
 # -----------------------------------------------------------------------------
 # datasets of image files, decoded one at a time

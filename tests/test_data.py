@@ -409,3 +409,37 @@ def test_download_skips_verified_files_and_extracts(tmp_path, monkeypatch):
     assert (tmp_path / "cifar-10-batches-py" / "readme.html").read_bytes() == b"hello"
     with pytest.raises(DataError, match="celeba"):
         data.download("celeba", tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# labels, for classification from codes
+
+def test_mnist_labels_follow_the_images(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((3, 28, 28)))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+    assert data.get_labels("mnist", "train", tmp_path) is None  # images without labels: nothing to classify
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 3) + bytes([7, 0, 9]))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">ii", 2049, 2) + bytes([1, 2])))
+    labels = data.get_labels("mnist", "train", tmp_path)
+    assert labels.tolist() == [7, 0, 9] and labels.dtype == np.int64
+    assert data.get_labels("fashion_mnist", "test", tmp_path).tolist() == [1, 2]
+    assert data.get_labels("mnist", "val", tmp_path).tolist() == [1, 2]  # val is the t10k file, as for the images
+    assert data.get_labels("shapes", "train") is None
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 4) + bytes([7, 0, 9]))
+    with pytest.raises(DataError, match="truncated: expected 12 bytes, found 11"):
+        data.get_labels("mnist", "train", tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2051, 3) + bytes([7, 0, 9]))
+    with pytest.raises(DataError, match="not an IDX label file"):
+        data.get_labels("mnist", "train", tmp_path)
+
+
+def test_cifar_labels_follow_the_images(tmp_path):
+    write_cifar(tmp_path)  # every written label is 1
+    folder = tmp_path / "cifar-10-batches-py"
+    test = np.zeros((3, 3072), np.uint8)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": test, b"labels": [4, 0, 9]}))
+    assert data.get_labels("cifar10", "test", tmp_path).tolist() == [4, 0, 9]
+    assert data.get_labels("cifar10", "train", tmp_path).tolist() == [1] * 10
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": test}))
+    with pytest.raises(DataError, match="labels"):
+        data.get_labels("cifar10", "test", tmp_path)
