@@ -23,9 +23,19 @@ PNG strip of the first batch: inputs on top, then one row per partial reconstruc
 For models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g. pqvae's ordered
 codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
 the mse with all codes (how much that position carries: large for early codes when codes are ordered).
-For models with measurements of their own (model.eval_stats(x) -> {name: scalar tensor}, each a mean over the batch,
-e.g. how often adaptive_vq chooses each codebook), the split's mean of each, weighted by batch size, under its name.
-The hook runs under torch.no_grad(); a model that needs gradients for a measurement enables them itself.
+For models with measurements of their own (model.eval_stats(x) -> {name: tensor}, each a mean over the batch, a
+scalar or one value per position: how often adaptive_vq chooses each codebook, pqvae's entropy of q(z_l | x) per
+position), the split's mean of each, weighted by batch size, under its name. The hook runs under torch.no_grad(); a
+model that needs gradients for a measurement enables them itself.
+eval.py's main also reads the codes (model.encode, every level in order, flattened per image into one sequence:
+raster order for grids) and reports
+  codes/entropy_bits   the entropy in bits of the code at each position over the split (mean, min and the first
+                       positions in the table, every position in the JSON): a position that every image codes alike
+                       carries 0 bits, which one perplexity pooled over all positions hides
+  classify/...         for datasets with labels (mnist, fashion_mnist, cifar10): the PQ-VAE paper's classification
+                       from codes (section 5.4.1), fitted on the train split's codes and labels, the accuracy on the
+                       evaluated split from the first n codes, by the "independent" and the "1-step conditional"
+                       naive Bayes estimators (see classify_from_codes)
 """
 
 import argparse
@@ -36,6 +46,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Metric functions: small, importable, each tested against numpy.
@@ -112,6 +123,72 @@ def codebook_metrics(counts, latents, codebook):
     }
 
 
+def code_sequence(codes):
+    """A model's codes (a tensor (B, ...) or a tuple of them, one per level) -> (B, n) int64, one sequence per image:
+    the levels in order, each flattened in raster order (groups last)."""
+    levels = codes if isinstance(codes, (tuple, list)) else (codes,)
+    return torch.cat([c.reshape(c.shape[0], -1).long() for c in levels], 1)
+
+
+def position_entropy(codes):
+    """Entropy in bits of the empirical distribution of the code at each position: codes (N, n) -> (n,) float64."""
+    codes = codes - codes.min()  # some models mark an unused slot with -1
+    N, n = codes.shape
+    K = int(codes.max()) + 1
+    keys = (torch.arange(n) * K + codes).flatten()
+    p = torch.zeros(n * K, dtype=torch.float64).index_add_(0, keys, torch.ones(keys.shape, dtype=torch.float64))
+    p = p.view(n, K) / N
+    return -(p * torch.log2(p.clamp(min=1e-300))).sum(1) + 0.0  # + 0.0: no -0 for a constant position
+
+
+def classify_from_codes(train_codes, train_labels, codes, prefixes, alpha=1.0):
+    """The PQ-VAE paper's classification from codes (section 5.4.1): count the codes of each class on the training
+    codes (N, n) and labels (N,), then give each row of `codes` (M, n) the class of highest posterior by Bayes' rule
+    from its first m codes, for each m in prefixes. Returns {"independent": (M, len(prefixes)), "1step": ...} int64
+    class predictions.
+      independent   p(c) prod_l p(z_l | c)
+      1step         p(c) p(z_1 | c) prod_(l>1) p(z_l | z_(l-1), c)
+    Smoothing (the paper is silent; our choice): p(z_l = k | c) = (count + alpha) / (N_c + alpha K), K = the largest
+    code + 1; the 1-step estimate adds alpha K pseudo-counts spread as p(z_l | c), so that a rarely seen z_(l-1)
+    falls back on the independent estimate."""
+    lo = min(int(train_codes.min()), int(codes.min()))
+    train = (train_codes - lo).numpy().astype(np.int64)
+    test = (codes - lo).numpy().astype(np.int64)
+    y = np.asarray(train_labels, dtype=np.int64)
+    N, n = train.shape
+    K, C = int(max(train.max(), test.max())) + 1, int(y.max()) + 1
+    pos = np.arange(n)
+    counts = np.zeros((n, C, K))  # counts[l, c, k]: training images of class c with code k at position l
+    np.add.at(counts, (pos[None, :], y[:, None], train), 1)
+    n_class = np.bincount(y, minlength=C).astype(np.float64)  # (C,)
+    p_indep = (counts + alpha) / (n_class[None, :, None] + alpha * K)  # (n, C, K)
+    classes = np.arange(C)
+    log_indep = np.log(p_indep[pos[None, :, None], classes[None, None, :], test[:, :, None]])  # (M, n, C)
+
+    # pairs (z_(l-1), z_l) per position l >= 1 and class, counted sparsely: n C K^2 counts would not fit
+    def pair_key(l, c, prev, cur):
+        return ((l * C + c) * K + prev) * K + cur
+    keys, pair_counts = np.unique(pair_key(pos[None, 1:], y[:, None], train[:, :-1], train[:, 1:]), return_counts=True)
+    query = pair_key(pos[None, 1:, None], classes[None, None, :], test[:, :-1, None], test[:, 1:, None])  # (M, n-1, C)
+    at = np.clip(np.searchsorted(keys, query), 0, max(len(keys) - 1, 0))
+    pair = np.where(keys[at] == query, pair_counts[at], 0) if len(keys) else np.zeros(query.shape)
+    prev = counts[pos[None, :-1, None], classes[None, None, :], test[:, :-1, None]]  # (M, n-1, C): count of z_(l-1)
+    log_step = np.log((pair + alpha * K * np.exp(log_indep[:, 1:])) / (prev + alpha * K))
+    log_1step = np.concatenate([log_indep[:, :1], log_step], 1)  # (M, n, C)
+
+    log_prior = np.log(n_class / N)
+    out = {}
+    for name, log_p in (("independent", log_indep), ("1step", log_1step)):
+        cum = log_prior + np.cumsum(log_p, 1)  # (M, n, C): log posterior (up to a constant) from the first l codes
+        out[name] = np.stack([cum[:, m - 1].argmax(1) for m in prefixes], 1)
+    return out
+
+
+def prefix_lengths(n):
+    """1, 2, 4, ... up to n, and n."""
+    return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation over a split
 
@@ -122,7 +199,8 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use about
     `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed. With `diagnostics`, also the
     costlier code ablation (one decode per position) and, under "_strip", the rows of partial reconstructions of the
-    first batch for save_rows (eval.py's main asks for them; validation during training does not)."""
+    first batch for save_rows, and each image's code sequence under "_codes" with the per-position entropy (eval.py's
+    main asks for them; validation during training does not)."""
     n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     picker = torch.Generator().manual_seed(0)
     was_training = model.training
@@ -132,7 +210,8 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     per_image_psnr, counts, latents, codebooks, partial_sse, grid, strip = [], {}, {}, {}, {}, None, None
     ablation_sse = {}  # position -> summed increase of the per-image mse when that code is left out
     stat_sums = {}  # name -> sum over batches of (the model's own batch-mean measurement) x (batch size)
-    for i, x in enumerate(loader):
+    sequences = []  # each batch's codes, (B, n), with diagnostics
+    for i, x in enumerate(tqdm(loader, total=n_batches, desc="evaluating", leave=False, disable=not diagnostics)):
         if max_batches is not None and i >= max_batches:
             break
         x = x.to(device, non_blocking=True)
@@ -142,8 +221,10 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
             ablated = model.code_ablation(x) if diagnostics and hasattr(model, "code_ablation") else {}
             own = model.eval_stats(x) if hasattr(model, "eval_stats") else {}
+            if diagnostics and hasattr(model, "encode"):
+                sequences.append(code_sequence(model.encode(x)).cpu())
         for name, value in own.items():
-            stat_sums[name] = stat_sums.get(name, 0.0) + float(value) * x.shape[0]
+            stat_sums[name] = stat_sums.get(name, 0.0) + value.detach().double().cpu() * x.shape[0]
         for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
             partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
         mse = per_image_mse(x, x_hat).double()  # (B,)
@@ -178,7 +259,12 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
         out[f"{name}/mse"] = sse / n_images
         out[f"{name}/psnr"] = psnr(sse / n_images)
     for name, total in stat_sums.items():
-        out[name] = total / n_images
+        out[name] = (total / n_images).tolist()  # a float, or a list of one value per position
+    if sequences:
+        codes = torch.cat(sequences)
+        bits = position_entropy(codes)
+        out.update({"codes/entropy_bits_mean": float(bits.mean()), "codes/entropy_bits_min": float(bits.min()),
+                    "codes/entropy_bits": bits.tolist()})
     if ablation_sse:
         positions = sorted(ablation_sse)
         out["code_ablation/positions"] = positions
@@ -186,6 +272,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     out["_grid"] = grid
     if diagnostics:
         out["_strip"] = strip
+        out["_codes"] = torch.cat(sequences) if sequences else None
     return out
 
 
@@ -212,8 +299,9 @@ def format_table(metrics):
     for key, value in metrics.items():
         if key.startswith("_"):
             continue
-        if isinstance(value, list):  # per-position values: one compact line
-            value = " ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value)
+        if isinstance(value, list):  # per-position values: one compact line, the first 16 of a long list
+            shown = " ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value[:16])
+            value = shown + (f" ... ({len(value)} values)" if len(value) > 16 else "")
         lines.append(f"{key:<28} {value:.6g}" if isinstance(value, float) else f"{key:<28} {value}")
     return "\n".join(lines)
 
@@ -256,18 +344,34 @@ def main(argv=None):
     p.add_argument("--grid", default=None, help="reconstruction grid PNG (default: next to the checkpoint)")
     p.add_argument("--strip", default=None, help="partial reconstructions PNG, for models with partial_decodes "
                    "(default: next to the checkpoint)")
+    p.add_argument("--classify", default="auto", choices=["auto", "off"],
+                   help="classification from codes, fitted on the train split: auto = when the dataset has labels")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     model, ckpt = load_model(args.ckpt, device)
     tcfg, mcfg = ckpt["train_config"], ckpt["model_config"]
+    data_dir = args.data_dir or tcfg["data_dir"] or None
     try:
-        dataset = data.get_dataset(tcfg["dataset"], args.split, args.data_dir or tcfg["data_dir"] or None,
-                                   mcfg["image_size"])
+        dataset = data.get_dataset(tcfg["dataset"], args.split, data_dir, mcfg["image_size"])
+        labels = data.get_labels(tcfg["dataset"], args.split, data_dir) if args.classify == "auto" else None
+        train_labels = data.get_labels(tcfg["dataset"], "train", data_dir) if labels is not None else None
     except data.DataError as err:
         raise SystemExit(f"eval.py: {err}") from err
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True)
+    codes = metrics.pop("_codes")
+    if train_labels is not None and codes is not None:
+        train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, mcfg["image_size"])
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size)
+        with torch.no_grad():
+            train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu()
+                                     for x in tqdm(train_loader, desc="codes of the train split", leave=False)])
+        prefixes = prefix_lengths(codes.shape[1])
+        predicted = classify_from_codes(train_codes, train_labels, codes, prefixes)
+        metrics["classify/n"] = prefixes
+        for name, pred in predicted.items():  # the evaluated images are the split's first len(codes), in order
+            metrics[f"classify/{name}"] = (pred == labels[:len(codes), None]).mean(0).tolist()
 
     stem = os.path.splitext(args.ckpt)[0]
     grid_path = args.grid or f"{stem}_{args.split}_recon.png"

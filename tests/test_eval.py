@@ -162,3 +162,73 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path):
                 "vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim"):
         assert key in saved and saved[key] == pytest.approx(metrics[key])
     assert Image.open(tmp_path / "g.png").size == (8 * 32, 2 * 32)
+
+
+def test_eval_stats_may_give_one_value_per_position():
+    class PerPosition(FixedModel):
+        def eval_stats(self, x):
+            return {"per_position": x.flatten(1)[:, :3].mean(0)}  # (3,): the batch's mean of 3 pixels
+
+    x = torch.cat([torch.full((4, 1, 2, 2), 0.5), torch.full((2, 1, 2, 2), -1.0)])
+    x[:, 0, 0, 0] = torch.arange(6.0)
+    out = ev.evaluate(PerPosition(torch.zeros(6)), [x[:4], x[4:]], torch.device("cpu"))
+    np.testing.assert_allclose(out["per_position"], [2.5, 0.0, 0.0], atol=1e-12)
+
+
+def test_code_sequence_and_position_entropy_against_numpy():
+    top, bottom = torch.randint(0, 3, (5, 2, 2)), torch.randint(0, 7, (5, 4, 4))
+    seq = ev.code_sequence((top, bottom))
+    assert seq.shape == (5, 20)
+    assert torch.equal(seq[:, :4], top.flatten(1)) and torch.equal(seq[:, 4:], bottom.flatten(1))
+    codes = torch.tensor([[0, 5, 3], [0, 5, 4], [0, 6, 3], [0, 7, 4]])  # constant, 3 values, 2 values
+    np.testing.assert_allclose(ev.position_entropy(codes).numpy(), [0.0, 1.5, 1.0], atol=1e-12)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 9, size=(200, 6))
+    want = []
+    for col in codes.T:
+        p = np.unique(col, return_counts=True)[1] / len(col)
+        want.append(-(p * np.log2(p)).sum())
+    np.testing.assert_allclose(ev.position_entropy(torch.tensor(codes)).numpy(), want, rtol=1e-12)
+
+
+def brute_force_bayes(train, y, codes, m, alpha=1.0):
+    """The two estimators of classify_from_codes, written out with loops over classes and positions."""
+    K, C = max(train.max(), codes.max()) + 1, y.max() + 1
+    out = {"independent": [], "1step": []}
+    for row in codes:
+        scores = {"independent": [], "1step": []}
+        for c in range(C):
+            mine = train[y == c]
+            p_c = len(mine) / len(train)
+            indep = [((mine[:, l] == row[l]).sum() + alpha) / (len(mine) + alpha * K) for l in range(m)]
+            step = [indep[0]]
+            for l in range(1, m):
+                after = mine[mine[:, l - 1] == row[l - 1]]
+                step.append(((after[:, l] == row[l]).sum() + alpha * K * indep[l]) / (len(after) + alpha * K))
+            scores["independent"].append(math.log(p_c) + sum(map(math.log, indep)))
+            scores["1step"].append(math.log(p_c) + sum(map(math.log, step)))
+        for name in out:
+            out[name].append(int(np.argmax(scores[name])))
+    return out
+
+
+def test_classify_from_codes_matches_a_brute_force_bayes_rule():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 60)
+    train = (rng.integers(0, 4, (60, 5)) + y[:, None]) % 6  # codes that depend on the class
+    train[:, 2] = train[:, 1]  # and a position that repeats the one before it
+    codes = rng.integers(0, 6, (25, 5))
+    got = ev.classify_from_codes(torch.tensor(train), y, torch.tensor(codes), [1, 2, 4, 5])
+    for j, m in enumerate([1, 2, 4, 5]):
+        want = brute_force_bayes(train, y, codes, m)
+        for name in ("independent", "1step"):
+            assert got[name][:, j].tolist() == want[name], (name, m)
+
+
+def test_classify_from_codes_reads_a_class_from_one_code():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    train = torch.tensor([[0, 9], [0, 8], [1, 9], [1, 8], [2, 9], [2, 8]])  # the first code is the class
+    got = ev.classify_from_codes(train, y, torch.tensor([[2, 8], [1, 9], [0, 9]]), [1, 2])
+    for name in ("independent", "1step"):
+        assert got[name].tolist() == [[2, 2], [1, 1], [0, 0]]
+    assert ev.prefix_lengths(64) == [1, 2, 4, 8, 16, 32, 64] and ev.prefix_lengths(6) == [1, 2, 4, 6]
