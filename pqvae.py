@@ -11,8 +11,7 @@ Papers:
 The idea. An encoder maps the image to a feature map F of `feature_dim` channels (512 in the paper). Instead of
 quantizing each spatial vector, PQ-VAE quantizes the whole map in L steps, coarse to fine (Algorithm 1):
     e_l = T_l(F_l) = W_c,l^T . F_l . W_s,l      a (channel_dim x spatial_dim) = 4 x 16 = 64-dim vector
-    e^_l, z_l = VQ(e_l)                         one codebook of K = 256 codes shared by all steps, Gumbel-softmax
-                                                over -||e_l - c_k||^2 in training, the nearest code in evaluation
+    e^_l, z_l = VQ(e_l)                         one codebook of K = 256 codes shared by all steps
     F^_l = T_l^-1(e^_l)                         with the pseudo-inverses of W_c,l^T and W_s,l
     F_(l+1) = F_l - F^_l                        the next step quantizes what is left
 and the decoder sees sum_l F^_l. So z_1 carries the most, and any prefix z_1..z_l decodes to an approximation.
@@ -20,18 +19,26 @@ Large maps are first partitioned (Fig. 2): the map is cut into an 8 x 8 grid of 
 relative position inside each patch form one (C, 8, 8) sub-map, P = HW / 64 of them, each spanning the whole image.
 The P sub-maps are quantized in parallel, with the same transforms, so an image has L * P codes, ordered step by
 step: code l * P + p is step l of sub-map p. The loss is the reconstruction error plus lambda_h times eq. 5's
-mutual-information term, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident for each image, uniform over the batch; and,
-our addition (Config), VQ-VAE's commitment term, with the decoder's gradient passed to e straight through.
+mutual-information term, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident for each image, uniform over the batch.
+
+Where we depart from the paper (each in Config): the paper samples codes by Gumbel-softmax from a random codebook
+learned by gradient alone. Such a codebook never moves, the softmax is one-hot and unchosen codes get no gradient,
+so whole code positions carry nothing. Here VQ picks the nearest code, with VQ-VAE's straight-through gradient and
+commitment term, and the codebook is fitted to data as in vqvae.py: k-means initialisation, EMA, dead-code reset.
+The Gumbel-softmax stays as an option (`--code_choice gumbel`). And since one codebook serves every step, each
+step's vectors are brought to the codebook's scale and centre first (step_norm, center_weight).
 
 Train it:  python train.py --model pqvae [--dataset mnist --data_dir DIR] [--tail_dropout true]
-Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (MSE from the first n codes, and the MSE
-           increase when one code is removed: the paper's Fig. 5)
+Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (MSE from the first n codes, the MSE
+           increase when one code is removed and the entropy per position: the paper's Fig. 5; classification
+           from the codes, Fig. 4)
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -53,26 +60,28 @@ class Config:
     spatial_dim: int = 16  # W_s,l: (submap^2 x spatial_dim) = 64 x 16 (paper)
     channel_dim: int = 4  # W_c,l: (feature_dim x channel_dim) = 512 x 4 (paper); code vectors have 4 * 16 = 64 dims
     codebook_size: int = 256  # K, one codebook shared by all steps (paper: 256)
-    # eq. 5's weight. The paper is silent; we choose 1e-3 because the term lies in [-log K, log K] = [-5.5, 5.5]
-    # and 1e-3 keeps it near the size of the reconstruction error late in training, so it shapes the code
-    # distribution without outweighing the reconstruction. We average it over the L * P positions (the paper sums
-    # over l), so the value does not depend on the number of codes.
-    lambda_h: float = 1e-3
-    # Gumbel-softmax temperature. The paper is silent; we choose dVAE's schedule shape (which the encoder/decoder
-    # come from): exponential decay from temp_start to temp_end over temp_anneal_iters steps, then constant, because
-    # a high temperature early lets gradients reach every code and a low one late makes the training samples
-    # nearly the nearest code that evaluation uses. 1 -> 1/16 as in dVAE, over the lr's 25k-step time constant.
-    temp_start: float = 1.0
-    temp_end: float = 0.0625
+    # The code choice. "nearest": the nearest code, its gradient passed straight through to e (VQ-VAE). "gumbel":
+    # the paper's Gumbel-softmax, hard: the code drawn is argmax(logits + noise) at any temperature, often not the
+    # nearest one; the temperature only shapes the gradient of the soft sample, which is added to the straight-through.
+    code_choice: str = "nearest"
+    temp_start: float = 1.0  # Gumbel temperature, decayed exponentially to temp_end over temp_anneal_iters steps
+    temp_end: float = 0.0625  # (dVAE's schedule shape; the paper is silent). Used by code_choice "gumbel" only
     temp_anneal_iters: int = 25000
-    # How the decoder's gradient reaches the encoder. The paper says Gumbel-softmax and no more. Through the sample
-    # alone ("identity_gradient false", with beta 0 the paper's literal reading), the gradient to e is scaled by the
-    # softmax's slope, which vanishes as the temperature falls: the encoder stops learning. We choose to also pass
-    # it unchanged (VQ-VAE's straight-through), with VQ-VAE's commitment term beta * ||e - sg(code)||^2 so that e
-    # stays near its codes. On MNIST (mnist preset, 2000 steps, test split) the full-code MSE fell from 16.8e-3 to
-    # 7.8e-3 (12.1e-3 to 8.8e-3 with tail dropout, every prefix better too; README).
-    identity_gradient: bool = True
-    beta: float = 0.25  # commitment weight (VQ-VAE); applied whatever identity_gradient is, 0 to leave it out
+    # Fitting the codebook to data. The paper learns it by gradient alone; we fit it as vqvae.py does (docstring).
+    beta: float = 0.25  # commitment weight: beta * ||e - sg(code)||^2 keeps e near its codes (VQ-VAE)
+    ema: bool = True  # codes follow the EMA mean of the vectors that chose them; false: the loss ||sg(e) - code||^2
+    decay: float = 0.99  # EMA decay (VQ-VAE)
+    eps: float = 1e-5  # Laplace smoothing of the EMA counts
+    kmeans_iters: int = 10  # the codebook starts as k-means of the first batch's e_l, all steps; 0: a random sample
+    dead_code_threshold: float = 2.0  # codes chosen fewer times than this over a window move onto an e_l; 0: never
+    dead_code_window: int = 10  # batches per window
+    # Our addition, so that every step can use the whole shared codebook: without it the early steps' vectors sit
+    # off-centre and spread little, few codes are near them, and early code positions carry almost nothing.
+    step_norm: bool = True  # the codebook sees each step's e_l divided by that step's running scale (EMA, decay)
+    center_weight: float = 0.002  # weight of the pull of each step's batch mean to 0, in units of its scale
+    # eq. 5's weight (the paper is silent). The term lies in [-log K, log K]; we average it over the L * P positions
+    # (the paper sums over l), so the value does not depend on the number of codes.
+    lambda_h: float = 1e-3
     # nested tail dropout (Semanticist). We draw the cut-off k' ~ U{1..L*P} per image (not per batch), so each
     # batch trains many prefix lengths at once; codes k' and after are replaced by a learnable null code.
     tail_dropout: bool = False
@@ -119,17 +128,9 @@ def unpartition(s, height, width):
 # ---------------------------------------------------------------------------------------------------------------------
 # The progressive quantizer (Algorithm 1)
 
-def entropy_term(q):
-    """Eq. 5's term for q of shape (B, M, K): code probabilities of B images at M code positions. Returns the mean over
-    positions of [mean over images of H(q(z|x))  -  H(mean over images of q(z|x))], in nats."""
-    h_cond = -(q * torch.log(q + 1e-10)).sum(-1).mean(0)  # (M,)
-    q_mean = q.mean(0)  # (M, K), the batch's aggregated posterior
-    h_marg = -(q_mean * torch.log(q_mean + 1e-10)).sum(-1)  # (M,)
-    return (h_cond - h_marg).mean()
-
-
 class ProgressiveQuantizer(nn.Module):
-    """PQ-VAE's progressive quantizer (Algorithm 1). Depends on torch only: copy it into your project.
+    """PQ-VAE's progressive quantizer (Algorithm 1), with a codebook fitted to data. Depends on torch only: copy it
+    into your project.
 
     Step l turns each (C, S) sub-map F_l (S = submap^2 spatial positions) into e_l = W_c,l^T F_l W_s,l, a
     (channel_dim, spatial_dim) matrix read as one vector of D = channel_dim * spatial_dim dims, picks a code of the
@@ -137,31 +138,129 @@ class ProgressiveQuantizer(nn.Module):
     residual F_l - F^_l. For full-rank W (almost surely), (W_c^T)^+ = W_c (W_c^T W_c)^-1 and W_s^+ = (W_s^T W_s)^-1
     W_s^T, computed by solves of small (channel_dim and spatial_dim square) systems, with gradients.
 
-    Code choice: logits -||e - c_k||^2. Training draws a Gumbel-softmax sample at temperature `temperature` and uses
-    it straight-through (the paper says Gumbel-softmax but not hard or soft; we choose hard, so that the decoder sees
-    single codes in training as in evaluation, and the soft sample carries the gradient to the encoder and to the
-    codebook). With identity_gradient the gradient of e^ also reaches e unchanged, as in VQ-VAE (see Config).
-    Evaluation takes the nearest code: deterministic, and decode(codes) reproduces it bitwise.
-    The codebook is an nn.Parameter learned by gradient, so under DDP it is averaged like any other parameter and
-    stays equal on every rank; the only buffer, the temperature, is set from the step by every rank alike. All of it
-    runs in float32 with autocast off: the distances, the argmin and the small solves are not safe in bf16/fp16.
-    Memory: K is small (256), so the (N, K) distances and the soft sample are fine; lookups are by indexing.
+    The codebook sees each step's vector scaled, u_l = e_l / s_l, by that step's running scale s_l, and e^_l = s_l c;
+    a penalty, center_weight * mean_l ||batch mean of u_l||^2 / D, pulls each step's vectors to the codebook's
+    centre (step_norm and center_weight, our addition: steps whose vectors sit off-centre or spread little would
+    find only a few codes near them otherwise). The code is the nearest one (or a Gumbel-softmax sample,
+    code_choice "gumbel", training only), and the gradient of e^_l reaches e_l unchanged (straight-through).
+    q(z_l | x) = softmax(-||u_l - c_k||^2) is eq. 5's posterior. The loss is beta * ||e - sg(e^)||^2 + the penalty
+    + lambda_h * eq. 5, plus ||sg(u) - code||^2 when ema is off.
 
-    forward(s) takes sub-maps s (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), q (B, L*P, K),
-    e (B, L, P, D)): the chosen code vectors, their indices, the code probabilities and the vectors before quantization.
+    The codebook is fitted to data as in vqvae.VectorQuantizer (its twin; tests/test_pqvae.py pins the same rules):
+    k-means on the first training batch's u_l of every step, found by running Algorithm 1 with e^_l = e_l (there is
+    no codebook yet: our choice, the paper's codebook is random); then moved toward the u_l that chose each code by
+    EMA (or by its own loss); codes chosen fewer than dead_code_threshold times over dead_code_window batches move
+    onto a u_l of the batch, their EMA state with them. The step scales start from the first batch and follow an
+    EMA with the same decay. All of it lives in buffers. Under torch.distributed the counts, sums and step
+    variances are all-reduced and the vectors for k-means and resets picked on rank 0 and broadcast, so the
+    codebook stays bitwise equal on every rank. Everything runs in float32 with autocast off.
+
+    forward(s) takes sub-maps s (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
     """
 
     def __init__(self, channels, positions, steps=64, channel_dim=4, spatial_dim=16, codebook_size=256,
-                 temperature=1.0, identity_gradient=True):
+                 code_choice="nearest", temperature=1.0, beta=0.25, lambda_h=1e-3, ema=True, decay=0.99, eps=1e-5,
+                 kmeans_iters=10, dead_code_threshold=2.0, dead_code_window=10, step_norm=True, center_weight=0.002):
         super().__init__()
+        if code_choice not in ("nearest", "gumbel"):
+            raise ValueError(f"code_choice must be 'nearest' or 'gumbel', got {code_choice!r}")
         self.steps, self.channel_dim, self.spatial_dim = steps, channel_dim, spatial_dim
-        self.identity_gradient = identity_gradient
-        self.dim = channel_dim * spatial_dim
+        self.dim, self.codebook_size, self.code_choice = channel_dim * spatial_dim, codebook_size, code_choice
+        self.beta, self.lambda_h, self.ema, self.decay, self.eps = beta, lambda_h, ema, decay, eps
+        self.kmeans_iters, self.step_norm, self.center_weight = kmeans_iters, step_norm, center_weight
+        self.dead_code_threshold, self.dead_code_window = dead_code_threshold, dead_code_window
         # scaled so that e has about the size of F's entries
         self.w_c = nn.Parameter(torch.randn(steps, channels, channel_dim) / math.sqrt(channels))  # W_c,l (C, c)
         self.w_s = nn.Parameter(torch.randn(steps, positions, spatial_dim) / math.sqrt(positions))  # W_s,l (S, s)
-        self.codebook = nn.Parameter(torch.randn(codebook_size, self.dim))
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        codebook = torch.randn(codebook_size, self.dim)  # replaced by k-means on the first training batch
+        if ema:  # moved by EMA, not by the optimizer
+            self.register_buffer("codebook", codebook)
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("ema_count", torch.ones(codebook_size))  # N_k, EMA of assignment counts
+        self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of the sums of assigned vectors
+        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in this dead-code window
+        self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
+        self.register_buffer("step_var", torch.ones(steps))  # EMA of each step's variance of e_l, per dimension
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))  # Gumbel's; set by Model.set_step
+        # host copies of `initialized` and `window_step`, so that a training step reads nothing back from the device
+        self._host_initialized = self._host_window_step = None
+
+    def forward(self, s):
+        with torch.autocast(device_type=s.device.type, enabled=False):  # the fp32 island
+            f = s.float().transpose(-1, -2)  # (B, P, S, C): kept transposed, so each product is one large matmul
+            pinv = self.pinv()
+            if self.training and self._host_initialized is None:  # once after construction or loading
+                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
+            if self.training and not self._host_initialized:
+                self._init_codebook(f.detach(), [p.detach() for p in pinv])
+            e_hat, codes, q, e = self.progress(f, pinv)  # (B, L, P, D), (B, L, P), (B, L*P, K), (B, L, P, D)
+
+            # quantize and compute the losses first, then update the codebook
+            commit = F.mse_loss(e, e_hat.detach())  # e_hat's value is exactly the chosen code, restored
+            entropy = self.entropy_term(q)
+            u = self.scaled(e)  # (B, L, P, D), as the codebook sees them
+            center = (u.mean((0, 2)) ** 2).mean()  # each step's batch mean, in units of its scale, pulled to 0
+            # (the scaling hides the mean from the loss otherwise, and it drifts: the steps' clouds move apart)
+            loss = self.beta * commit + self.center_weight * center + self.lambda_h * entropy
+            u = u.detach()
+            if not self.ema:  # the codebook's own loss, where the codebook lives
+                loss = loss + F.mse_loss(self.codebook.float()[codes], u)
+            counts = self._counts(codes.flatten())  # (K,), this rank's batch
+            if self.training:
+                self._update(e.detach(), u.reshape(-1, self.dim), codes.flatten(), counts)
+        p = counts / counts.sum()
+        stats = {"commit": commit.detach(), "entropy": entropy.detach(),
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch
+                 "code_usage": (counts > 0).float().mean()}
+        if self.code_choice == "gumbel":
+            stats["temperature"] = self.temperature.clone()
+        return e_hat, codes, loss, stats
+
+    def progress(self, f, pinv=None):
+        """Algorithm 1 on transposed sub-maps f (B, P, S, C): (e_hat (B, L, P, D), codes (B, L, P), q (B, L*P, K),
+        e (B, L, P, D)), the chosen code vectors, their indices, q(z_l | x) and the vectors before quantization."""
+        B, P = f.shape[:2]
+        pinv = pinv or self.pinv()
+        # the codes and step scales as they are before this batch's update (copies: the update is in place)
+        c, scale = self.codebook.detach().float().clone(), self.step_var.sqrt()
+        es, e_hats, codes, qs = [], [], [], []
+        for l in range(self.steps):
+            e = self.transform(f, l)  # (B, P, D)
+            u_hat, z, q = self.choose((e / scale[l]).reshape(B * P, self.dim), c)
+            e_hat = u_hat.view(B, P, self.dim) * scale[l]  # the code, restored to step l's scale
+            f = f - self.inverse(e_hat, l, pinv)  # F_(l+1) = F_l - F^_l
+            es.append(e)
+            e_hats.append(e_hat)
+            codes.append(z.view(B, P))
+            qs.append(q.view(B, P, -1))
+        return torch.stack(e_hats, 1), torch.stack(codes, 1), torch.cat(qs, 1), torch.stack(es, 1)
+
+    def choose(self, e, c):
+        """e (N, D), codebook c (K, D) -> (e_hat (N, D), codes (N,), q (N, K)). e_hat's value is exactly the code."""
+        # -||e - c||^2 up to ||e||^2, which is the same for every code: changes neither the softmax nor the argmax
+        logits = 2 * e @ c.t() - (c * c).sum(1)  # (N, K)
+        q = logits.softmax(-1)  # q(z | x), eq. 5
+        if self.training and self.code_choice == "gumbel":
+            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
+            soft = ((logits + gumbel) / self.temperature).softmax(-1)  # (N, K)
+            codes = soft.argmax(-1)  # argmax(logits + gumbel): the temperature does not change it
+            e_soft = soft @ c
+            e_hat = c[codes] + (e_soft - e_soft.detach())  # forward the code, plus the soft sample's gradient
+        else:
+            codes = logits.argmax(-1)  # the nearest code (the lowest index on a tie)
+            e_hat = c[codes]
+        return e_hat + (e - e.detach()), codes, q  # straight-through: e^'s gradient reaches e unchanged
+
+    @staticmethod
+    def entropy_term(q):
+        """Eq. 5's term for q of shape (B, M, K): code probabilities of B images at M code positions. Returns the mean
+        over positions of [mean over images of H(q(z|x))  -  H(mean over images of q(z|x))], in nats."""
+        h_cond = -(q * torch.log(q + 1e-10)).sum(-1).mean(0)  # (M,)
+        q_mean = q.mean(0)  # (M, K), the batch's aggregated posterior
+        h_marg = -(q_mean * torch.log(q_mean + 1e-10)).sum(-1)  # (M,)
+        return (h_cond - h_marg).mean()
 
     def pinv(self):
         """The pseudo-inverses (W_c,l^T)^+ (L, C, c) and W_s,l^+ (L, s, S), for full-rank W."""
@@ -169,8 +268,6 @@ class ProgressiveQuantizer(nn.Module):
         wc_pinv = torch.linalg.solve(wc.transpose(1, 2) @ wc, wc.transpose(1, 2)).transpose(1, 2)  # W_c (W_c^T W_c)^-1
         ws_pinv = torch.linalg.solve(ws.transpose(1, 2) @ ws, ws.transpose(1, 2))  # (W_s^T W_s)^-1 W_s^T
         return wc_pinv, ws_pinv
-
-    # The sub-maps are kept transposed, (..., S, C), so that each product below is one large matrix product.
 
     def transform(self, f, l):
         """T_l: transposed sub-maps F_l^T (..., S, C) -> e_l (..., D), e_l = W_c,l^T F_l W_s,l flattened."""
@@ -189,45 +286,132 @@ class ProgressiveQuantizer(nn.Module):
             e = e_hat.float().unflatten(-1, (self.channel_dim, self.spatial_dim))  # (B, L, P, c, s)
             return torch.einsum("lca,blpad,lds->bpcs", wc_pinv, e, ws_pinv)
 
+    def scaled(self, e):
+        """e (..., L, P, D) -> e_l / step_scale_l, the space of the codebook."""
+        return e / self.step_var.sqrt()[:, None, None]
+
     def lookup(self, codes):
-        """codes (...) -> code vectors (..., D), by indexing."""
-        return self.codebook.float()[codes]
+        """codes (..., L, P) -> code vectors (..., L, P, D), each restored to its step's scale, by indexing."""
+        return self.codebook.detach().float()[codes] * self.step_var.sqrt()[:, None, None]
 
-    def _quantize(self, e):
-        """e (N, D) -> (e_hat (N, D), codes (N,), q (N, K))."""
-        c = self.codebook.float()
-        # -||e - c||^2 up to ||e||^2, which is the same for every code: changes neither the softmax nor the argmax
-        logits = 2 * e @ c.t() - (c * c).sum(1)  # (N, K)
-        q = logits.softmax(-1)  # q(z|x): what a Gumbel-softmax sample on these logits draws from, at any temperature
-        if self.training:
-            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
-            soft = ((logits + gumbel) / self.temperature).softmax(-1)  # (N, K)
-            codes = soft.argmax(-1)
-            e_soft = soft @ c
-            e_hat = c[codes] + (e_soft - e_soft.detach())  # straight-through: forward the code, gradient of soft
-            if self.identity_gradient:
-                e_hat = e_hat + (e - e.detach())  # and the gradient to e unchanged, as in VQ-VAE (Config)
-        else:
-            codes = logits.argmax(-1)
-            e_hat = c[codes]
-        return e_hat, codes, q
+    # -- fitting the codebook to data (training mode only; every rank runs the same collectives) ---------------------
 
-    def forward(self, s):
-        with torch.autocast(device_type=s.device.type, enabled=False):  # the fp32 island
-            f = s.float().transpose(-1, -2)  # (B, P, S, C)
-            B, P = f.shape[:2]
-            pinv = self.pinv()
-            es, e_hats, codes, qs = [], [], [], []
-            for l in range(self.steps):
-                e = self.transform(f, l)  # (B, P, D)
-                e_hat, z, q = self._quantize(e.reshape(B * P, self.dim))
-                e_hat = e_hat.view(B, P, self.dim)
-                f = f - self.inverse(e_hat, l, pinv)  # F_(l+1) = F_l - F^_l
-                es.append(e)
-                e_hats.append(e_hat)
-                codes.append(z.view(B, P))
-                qs.append(q.view(B, P, -1))
-            return torch.stack(e_hats, 1), torch.stack(codes, 1), torch.cat(qs, 1), torch.stack(es, 1)
+    @torch.no_grad()
+    def _update(self, e, u, codes, counts):
+        """EMA of counts and sums over all ranks, then the dead-code window, then the step scales. e (B, L, P, D)
+        as the steps gave them, u (N, D) scaled as the codebook sees them, codes (N,), counts (K,)."""
+        counts = self._all_reduce(counts.clone())
+        if self.ema:
+            sums = self._all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, codes, u))  # (K, D)
+            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            # Laplace smoothing keeps an unused code's count above zero so the division is safe
+            n = self.ema_count.sum()
+            count = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n
+            self.codebook.copy_(self.ema_sum / count[:, None])
+        if self.dead_code_threshold > 0:
+            self.usage.add_(counts)
+            self.window_step.add_(1)
+            self._host_window_step += 1
+            if self._host_window_step >= self.dead_code_window:
+                self._reset_dead_codes(u)
+        if self.step_norm:
+            var = self._step_var(e.transpose(0, 1).reshape(self.steps, -1, self.dim))
+            self.step_var.mul_(self.decay).add_(var, alpha=1 - self.decay)
+
+    def _step_var(self, e):
+        """Each step's variance per dimension (L,) of e (L, N, D), about its mean, over all ranks' vectors."""
+        n = self._all_reduce(torch.tensor(float(e.shape[1]), device=e.device))
+        mean = self._all_reduce(e.sum(1)) / n
+        var = self._all_reduce(((e - mean[:, None]) ** 2).sum((1, 2))) / (n * self.dim)
+        return var.clamp(min=1e-12)
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, e):
+        """Move every code chosen fewer than dead_code_threshold times in the window onto a random u_l of this batch
+        (drawn from all ranks' by rank 0, broadcast), and reset its EMA count and sum with it, or the next EMA step
+        would drag it back."""
+        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
+        e = self._gather(e)  # (world * N, D)
+        # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
+        candidates = self._broadcast(e[torch.randint(0, e.shape[0], (self.codebook_size,), device=e.device)])
+        self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
+        self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
+        self.ema_count.masked_fill_(dead, 1.0)
+        self.usage.zero_()
+        self.window_step.zero_()
+        self._host_window_step = 0
+
+    @torch.no_grad()
+    def _init_codebook(self, f, pinv):
+        """The step scales and then k-means on the scaled e_l of every step of this batch (all ranks'),
+        Algorithm 1 run with e^_l = e_l since there is no codebook yet; computed on each rank and broadcast from rank
+        0. f (B, P, S, C) as in forward."""
+        es = []
+        for l in range(self.steps):
+            e = self.transform(f, l)  # (B, P, D)
+            es.append(e.reshape(-1, self.dim))
+            f = f - self.inverse(e, l, pinv)
+        e = torch.stack(es)  # (L, B * P, D)
+        if self.step_norm:
+            self.step_var.copy_(self._step_var(e))
+        e = self._gather(self.scaled(e[None]).reshape(-1, self.dim))  # (world * L * B * P, D)
+        idx = torch.randperm(e.shape[0], device=e.device)[:self.codebook_size]
+        if idx.numel() < self.codebook_size:  # fewer vectors than codes: sample with replacement
+            idx = torch.randint(0, e.shape[0], (self.codebook_size,), device=e.device)
+        codebook = e[idx].clone()  # (K, D)
+        for _ in range(self.kmeans_iters):  # Lloyd's iterations; an empty cluster keeps its previous centre
+            codes = self.nearest(e, codebook)
+            counts = self._counts(codes)[:, None]
+            sums = torch.zeros_like(codebook).index_add_(0, codes, e)
+            codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
+        self._broadcast(codebook)
+        self.codebook.copy_(codebook)
+        self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+        self._host_initialized = True
+
+    # -- machinery ---------------------------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
+
+    @staticmethod
+    def nearest(e, codebook):
+        """Index of the nearest row of codebook (K, D) for each row of e (N, D), in chunks of rows so that the
+        distance block stays near 64 MiB whatever N is (k-means over a large first batch)."""
+        c_sq = (codebook * codebook).sum(1)  # (K,)
+        chunk = max(1, 2 ** 24 // codebook.shape[0])
+        return torch.cat([(c_sq - 2 * e[i:i + chunk] @ codebook.t()).argmin(1) for i in range(0, e.shape[0], chunk)])
+
+    def _counts(self, codes):
+        """Assignments per code (K,) of codes (N,). An index_add_ of ones rather than torch.bincount, which on a GPU
+        reads the largest index back to the host; sums of ones are exact in float32 up to 2^24."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
+
+    # Collectives that become no-ops without a process group, so the code above calls them unconditionally.
+    @staticmethod
+    def _all_reduce(t):  # sum over ranks, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def _broadcast(t):  # rank 0's value everywhere, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(t, src=0)
+        return t
+
+    @staticmethod
+    def _gather(e):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
+        if not (dist.is_available() and dist.is_initialized()):
+            return e
+        parts = [torch.empty_like(e) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, e.contiguous())
+        return torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -303,9 +487,12 @@ class Model(nn.Module):
         self.positions = (side // cfg.submap) ** 2  # P
         self.num_codes = cfg.steps * self.positions  # L * P
         self.encoder = Encoder(cfg)
-        self.quantizer = ProgressiveQuantizer(cfg.feature_dim, cfg.submap ** 2, cfg.steps, cfg.channel_dim,
-                                              cfg.spatial_dim, cfg.codebook_size, cfg.temp_start,
-                                              cfg.identity_gradient)
+        self.quantizer = ProgressiveQuantizer(
+            cfg.feature_dim, cfg.submap ** 2, cfg.steps, cfg.channel_dim, cfg.spatial_dim, cfg.codebook_size,
+            code_choice=cfg.code_choice, temperature=cfg.temp_start, beta=cfg.beta, lambda_h=cfg.lambda_h, ema=cfg.ema,
+            decay=cfg.decay, eps=cfg.eps, kmeans_iters=cfg.kmeans_iters, dead_code_threshold=cfg.dead_code_threshold,
+            dead_code_window=cfg.dead_code_window, step_norm=cfg.step_norm,
+            center_weight=cfg.center_weight)
         self.decoder = Decoder(cfg)
         if cfg.tail_dropout:  # only then: an unused parameter would trouble DDP
             self.null_code = nn.Parameter(torch.zeros(self.quantizer.dim))
@@ -350,28 +537,18 @@ class Model(nn.Module):
     # -- the model protocol -----------------------------------------------------------------------------------------
 
     def forward(self, x):
-        e_hat, codes, q, e = self.quantizer(self._submaps(x))
-        commit = F.mse_loss(e, self.quantizer.lookup(codes).detach())  # (VQ-VAE) keeps e near its codes
+        e_hat, codes, q_loss, q_stats = self.quantizer(self._submaps(x))
         if self.training and self.cfg.tail_dropout:  # k' ~ U{1..L*P} per image: codes k' and after become null
             keep = torch.randint(1, self.num_codes + 1, (x.shape[0],), device=x.device)
             e_hat = self._leave_out(e_hat, keep)
         x_hat = self._decode_vectors(e_hat)
         recon = F.mse_loss(x_hat.float(), x.float())
-        ent = entropy_term(q)
-        with torch.no_grad():
-            # index_add_, not bincount: on a GPU bincount reads the largest index back to the host
-            counts = torch.zeros(self.cfg.codebook_size, device=codes.device).index_add_(
-                0, codes.flatten(), torch.ones(codes.numel(), device=codes.device))
-            p = counts / counts.sum()
-            stats = {"recon": recon.detach(), "entropy": ent.detach(), "commit": commit.detach(),
-                     "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch
-                     "code_usage": (counts > 0).float().mean(), "temperature": self.quantizer.temperature.clone()}
-        return x_hat, recon + self.cfg.lambda_h * ent + self.cfg.beta * commit, stats
+        return x_hat, recon + q_loss, {"recon": recon.detach(), **q_stats}
 
     @torch.no_grad()
     def encode(self, x):
         """(B, C, H, W) -> ordered codes (B, L*P). Use in eval mode (training mode samples)."""
-        return self.quantizer(self._submaps(x))[1].flatten(1)
+        return self._progress(x)[1].flatten(1)
 
     @torch.no_grad()
     def decode(self, codes, keep=None):
@@ -381,7 +558,7 @@ class Model(nn.Module):
         keep = k if keep is None else min(keep, k)
         full = torch.zeros(B, self.num_codes, dtype=torch.long, device=codes.device)
         full[:, :k] = codes
-        e_hat = self.quantizer.lookup(full).view(B, self.cfg.steps, self.positions, -1)
+        e_hat = self.quantizer.lookup(full.view(B, self.cfg.steps, self.positions))  # (B, L, P, D)
         if keep < self.num_codes:
             e_hat = self._leave_out(e_hat, keep)
         return self._decode_vectors(e_hat)
@@ -403,7 +580,7 @@ class Model(nn.Module):
         there are at most max_positions codes, else for max_positions positions evenly spread."""
         codes = self.encode(x)
         B, n = codes.shape
-        e_hat = self.quantizer.lookup(codes)  # (B, L*P, D)
+        e_hat = self.quantizer.lookup(codes.view(B, self.cfg.steps, self.positions)).flatten(1, 2)  # (B, L*P, D)
         m = min(n, max_positions)
         positions = sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)})
         null = self.null_code.float() if self.cfg.tail_dropout else torch.zeros_like(e_hat[0, 0])
@@ -414,8 +591,21 @@ class Model(nn.Module):
             out[i] = self._decode_vectors(e.view(B, self.cfg.steps, self.positions, -1))
         return out
 
+    def _progress(self, x):
+        """Algorithm 1 on x, nothing updated: (e_hat, codes, q, e) as ProgressiveQuantizer.progress gives them."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.quantizer.progress(self._submaps(x).float().transpose(-1, -2))
+
     @torch.no_grad()
     def latents(self, x):
         """For eval.py: {"pq": (codebook (K, D), the vectors e_l of every step and sub-map (N, D), codes (N,))}."""
-        _, codes, _, e = self.quantizer(self._submaps(x))
+        _, codes, _, e = self._progress(x)
         return {"pq": (self.quantizer.codebook.detach().float(), e.reshape(-1, self.quantizer.dim), codes.flatten())}
+
+    @torch.no_grad()
+    def eval_stats(self, x):
+        """For eval.py (the paper's Fig. 5 right): {"cond_entropy_bits": (L*P,)}, the batch's mean entropy of
+        q(z_l | x) at each code position, in bits. The earlier codes are given: each step sees the residual they
+        leave."""
+        q = self._progress(x)[2]  # (B, L*P, K)
+        return {"cond_entropy_bits": -(q * torch.log2(q + 1e-30)).sum(-1).mean(0)}

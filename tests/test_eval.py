@@ -232,3 +232,34 @@ def test_classify_from_codes_reads_a_class_from_one_code():
     for name in ("independent", "1step"):
         assert got[name].tolist() == [[2, 2], [1, 1], [0, 0]]
     assert ev.prefix_lengths(64) == [1, 2, 4, 8, 16, 32, 64] and ev.prefix_lengths(6) == [1, 2, 4, 6]
+
+
+def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path):
+    import gzip
+    import struct
+
+    import train
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 24), ("t10k", 12)):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 30, size=(n, 28, 28))
+        for i, c in enumerate(labels):  # a bright band whose row says the class
+            images[i, 8 * c:8 * c + 6] = 250
+        raw = struct.pack(">iiii", 2051, n, 28, 28) + images.astype(np.uint8).tobytes()
+        (tmp_path / f"{stem}-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+        labels_raw = struct.pack(">ii", 2049, n) + labels.astype(np.uint8).tobytes()
+        (tmp_path / f"{stem}-labels-idx1-ubyte").write_bytes(labels_raw)
+    out = tmp_path / "run"
+    train.main(["--dataset", "mnist", "--data_dir", str(tmp_path), "--max_iters", "3", "--batch_size", "8",
+                "--hidden", "16", "--codebook_size", "16", "--eval_batches", "1", "--out_dir", str(out)])
+    common = ["--ckpt", str(out / "ckpt.pt"), "--split", "test", "--batch_size", "8",
+              "--json", str(tmp_path / "m.json"), "--grid", str(tmp_path / "g.png")]
+    metrics = ev.main(common)
+    n = metrics["classify/n"]
+    assert n == [1, 2, 4, 8, 16, 32, 49]  # 7x7 codes per image
+    for name in ("independent", "1step"):
+        acc = metrics[f"classify/{name}"]
+        assert len(acc) == len(n) and all(0 <= a <= 1 for a in acc)
+        assert acc[-1] > 0.5  # three classes that differ in every row of codes: far above chance (1/3)
+    assert len(metrics["codes/entropy_bits"]) == 49
+    assert "classify/n" not in ev.main(common + ["--classify", "off"])

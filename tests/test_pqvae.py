@@ -1,6 +1,8 @@
 """pqvae.py: partitioning, the progressive quantizer's transforms, eq. 5, prefixes and tail dropout; eval.py's code
 ablation and partial-reconstruction strip."""
 
+import importlib.util
+import inspect
 import json
 import math
 
@@ -12,7 +14,9 @@ from PIL import Image
 import data
 import eval as ev
 import pqvae
-from pqvae import Config, Model, entropy_term, partition, unpartition
+from pqvae import Config, Model, ProgressiveQuantizer, partition, unpartition
+
+entropy_term = ProgressiveQuantizer.entropy_term
 
 
 def small_config(**kw):
@@ -22,13 +26,14 @@ def small_config(**kw):
     return Config(**{**base, **kw})
 
 
-@pytest.mark.parametrize("tail_dropout", [False, True])
-def test_training_steps_read_no_tensor_value_on_the_host(steps_without_host_reads, tail_dropout):
+@pytest.mark.parametrize("kw", [dict(), dict(tail_dropout=True), dict(code_choice="gumbel", ema=False)])
+def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads, kw):
     torch.manual_seed(0)
-    model = Model(small_config(tail_dropout=tail_dropout))
+    model = Model(small_config(dead_code_window=2, **kw))
     model.set_step(10)
-    steps_without_host_reads(model, torch.rand(4, 3, 16, 16) * 2 - 1, steps=2)
-    assert all(torch.isfinite(p.grad).all() for p in model.encoder.parameters())  # the steps ran to the end
+    steps_without_host_reads(model, torch.rand(4, 3, 16, 16) * 2 - 1, steps=4)  # EMA updates, dead-code resets
+    assert model.quantizer.window_step == 1  # 5 batches in windows of 2: the steps ran, with their resets
+    assert all(torch.isfinite(p.grad).all() for p in model.encoder.parameters())
 
 
 def test_partition_then_unpartition_is_the_identity():
@@ -76,13 +81,224 @@ def test_eval_mode_is_deterministic_and_decode_of_encode_is_forward():
     assert torch.equal(model(x)[0], model(x)[0])
 
 
-def test_training_mode_samples_with_gumbel_noise():
+def test_nearest_code_in_training_and_evaluation_gumbel_samples_in_training_only():
     torch.manual_seed(0)
-    model = Model(small_config(temp_start=1.0))
     x = torch.rand(4, 3, 16, 16) * 2 - 1
-    _, codes_a, _, _ = model.quantizer(model._submaps(x))
-    _, codes_b, _, _ = model.quantizer(model._submaps(x))
-    assert not torch.equal(codes_a, codes_b)
+    model = Model(small_config())
+    model(x)  # the first training batch initialises the codebook
+    f = model._submaps(x).transpose(-1, -2)
+    _, codes, q, _ = model.quantizer.progress(f)  # training mode
+    assert torch.equal(codes.flatten(1), model.eval().encode(x))  # the nearest code either way
+    assert torch.equal(codes.flatten(1), q.argmax(-1))  # the most probable code under q(z|x)
+    gumbel = Model(small_config(code_choice="gumbel"))
+    gumbel.load_state_dict(model.state_dict())
+    assert torch.equal(gumbel.eval().quantizer.progress(f)[1], codes)  # the nearest code in evaluation (the
+    # training samples: test_gumbel_temperature_shapes_the_gradient_not_the_code)
+
+
+def test_gumbel_temperature_shapes_the_gradient_not_the_code():
+    torch.manual_seed(0)
+    e, c, g = torch.randn(32, 8), torch.randn(16, 8), torch.randn(32, 8)
+    out = {}
+    for tau in (1.0, 1 / 16):
+        quantizer = ProgressiveQuantizer(4, 4, steps=1, channel_dim=2, spatial_dim=4, codebook_size=16,
+                                         code_choice="gumbel", temperature=tau)
+        leaf = e.clone().requires_grad_()
+        torch.manual_seed(1)  # the same noise for both temperatures
+        e_hat, codes, _ = quantizer.choose(leaf, c)
+        (e_hat * g).sum().backward()
+        out[tau] = (e_hat.detach(), codes, leaf.grad)
+        assert torch.equal(e_hat.detach(), c[codes])  # forward: exactly the drawn code
+    assert torch.equal(out[1.0][1], out[1 / 16][1])  # the same codes at both temperatures
+    assert not torch.allclose(out[1.0][2], out[1 / 16][2])  # different gradients
+    nearest = ((e[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+    assert (out[1.0][1] != nearest).any()  # and the sample is not always the nearest code
+
+
+def test_straight_through_forward_is_the_nearest_code_and_the_gradient_reaches_e_unchanged():
+    torch.manual_seed(0)
+    quantizer = ProgressiveQuantizer(4, 4, steps=1, channel_dim=2, spatial_dim=4, codebook_size=16)
+    e, c, g = torch.randn(32, 8, requires_grad=True), torch.randn(16, 8), torch.randn(32, 8)
+    e_hat, codes, q = quantizer.choose(e, c)
+    (e_hat * g).sum().backward()
+    ref = ((e.detach().double()[:, None] - c.double()[None]) ** 2).sum(-1)  # (N, K) distances in float64
+    assert torch.equal(codes, ref.argmin(1))
+    assert torch.equal(e_hat.detach(), c[codes])
+    assert torch.equal(e.grad, g)
+    torch.testing.assert_close(q.double(), torch.softmax(-ref, 1), rtol=1e-4, atol=1e-6)
+
+
+def test_beta_moves_e_and_a_learned_codebook_moves_by_its_own_loss_only():
+    torch.manual_seed(0)
+    model = Model(small_config(ema=False, lambda_h=0.0, beta=0.25))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    model(x)  # initialise
+    s = model._submaps(x)
+    codebook_before = model.quantizer.codebook.detach().clone()
+    u = model.quantizer.scaled(model._progress(x)[3].detach())  # what the codebook sees, before the update
+    e_hat, codes, loss, _ = model.quantizer(s)
+    model.quantizer.codebook.grad = None
+    loss.backward()
+    # d/dc of mean((sg(u) - c_z)^2), by hand: only the chosen codes, toward their vectors
+    n = u.numel()
+    want = torch.zeros_like(codebook_before).index_add_(
+        0, codes.flatten(), 2 * (codebook_before[codes].reshape(-1, u.shape[-1]) - u.reshape(-1, u.shape[-1])) / n)
+    torch.testing.assert_close(model.quantizer.codebook.grad, want, rtol=1e-4, atol=1e-8)
+    # the decoder's gradient through e_hat reaches no codebook
+    model.quantizer.codebook.grad = None
+    e_hat, _, _, _ = model.quantizer(model._submaps(x))
+    e_hat.sum().backward()
+    assert model.quantizer.codebook.grad is None or not model.quantizer.codebook.grad.any()
+
+
+def test_ema_codebook_gets_no_gradient_and_follows_the_ema_formula():
+    torch.manual_seed(0)
+    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, decay=0.9, eps=1e-5,
+                             dead_code_threshold=0)
+    assert "codebook" in dict(q.named_buffers()) and "codebook" not in dict(q.named_parameters())
+    s = torch.randn(6, 2, 4, 4)  # (B, P, C, S)
+    q(s)  # initialises from this batch
+    count0, sum0 = q.ema_count.clone().double().numpy(), q.ema_sum.clone().double().numpy()
+    s = torch.randn(6, 2, 4, 4)
+    with torch.no_grad():
+        e = q.scaled(q.progress(s.transpose(-1, -2))[3])  # before the update, as the codebook sees them
+    _, codes, _, _ = q(s)
+    e, z = e.reshape(-1, 8).double().numpy(), codes.flatten().numpy()
+    counts = np.bincount(z, minlength=8)
+    sums = np.zeros((8, 8))
+    np.add.at(sums, z, e)
+    count = 0.9 * count0 + 0.1 * counts
+    ema_sum = 0.9 * sum0 + 0.1 * sums
+    smoothed = (count + 1e-5) / (count.sum() + 8e-5) * count.sum()
+    np.testing.assert_allclose(q.ema_count.numpy(), count, rtol=1e-5)
+    np.testing.assert_allclose(q.codebook.numpy(), ema_sum / smoothed[:, None], rtol=1e-4, atol=1e-5)
+
+
+def test_step_scale_follows_the_ema_of_each_steps_variance_and_the_center_term_by_hand():
+    torch.manual_seed(0)
+    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, decay=0.9, beta=0.0,
+                             lambda_h=0.0, center_weight=1.0, dead_code_threshold=0)
+    q(torch.randn(6, 2, 4, 4))  # initialises from this batch
+    var0 = q.step_var.clone().double()
+    s = torch.randn(6, 2, 4, 4) * 2
+    with torch.no_grad():
+        e = q.progress(s.transpose(-1, -2))[3].double()  # (B, L, P, D), before the update
+    _, _, loss, _ = q(s)
+    e = e.transpose(0, 1).reshape(3, -1, 8)  # (L, B * P, D)
+    var = ((e - e.mean(1, keepdim=True)) ** 2).mean((1, 2))  # each step's variance per dimension
+    torch.testing.assert_close(q.step_var.double(), 0.9 * var0 + 0.1 * var, rtol=1e-5, atol=0)
+    # the only term left: each step's batch mean in units of its (old) scale, squared, averaged over steps and dims
+    want = ((e.mean(1) / var0.sqrt()[:, None]) ** 2).mean()
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_kmeans_init_takes_the_codebook_from_the_first_batch_of_every_step_once():
+    torch.manual_seed(0)
+    # decay 1: the EMA step after the initialisation leaves the codes where it put them
+    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0, decay=1.0)
+    s = torch.randn(5, 1, 4, 4) * 3
+    # Algorithm 1 without quantization (e^_l = e_l), by hand: the vectors the codebook is drawn from
+    f, pinv, es = s.transpose(-1, -2), q.pinv(), []
+    with torch.no_grad():
+        for l in range(3):
+            es.append(q.transform(f, l).reshape(-1, 8))
+            f = f - q.inverse(es[-1].view(5, 1, 8), l, pinv)
+    # each step divided by its own scale, the root of its variance per dimension, by hand
+    es = torch.cat([e / ((e - e.mean(0)) ** 2).mean().sqrt() for e in es])  # (15, 8)
+    assert not q.initialized
+    q(s)
+    assert q.initialized
+    assert (torch.cdist(q.codebook.double(), es.double()).min(1).values < 1e-4).all()  # every code is one of them
+    assert torch.cdist(es[:5].double(), q.codebook.double()).min() < 1e-4  # step 1's vectors are among them
+    # and not again: a state-dict round trip keeps the codebook, a new batch does not re-initialise it
+    fresh = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0,
+                                 decay=1.0)
+    fresh.load_state_dict(q.state_dict())
+    far = torch.randn(5, 1, 4, 4) * 100
+    fresh(far), q(far)
+    assert torch.equal(fresh.codebook, q.codebook) and q.codebook.abs().max() < 50
+
+
+def test_dead_codes_move_onto_vectors_of_the_batch_and_their_ema_is_reset():
+    torch.manual_seed(0)
+    q = ProgressiveQuantizer(4, 4, steps=2, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0,
+                             dead_code_threshold=1, dead_code_window=2)
+    s = torch.randn(6, 1, 4, 4)
+    q(s)
+    with torch.no_grad():  # two codes far from every vector: never chosen
+        q.codebook[6:] = 1000.0
+        q.ema_sum[6:] = 1000.0
+        q.usage.zero_()
+        q.window_step.zero_()
+    q._host_window_step = 0
+    q(s)
+    assert (q.codebook[6:] > 500).all()  # the window of 2 is not over
+    with torch.no_grad():
+        e = q.scaled(q.progress(s.transpose(-1, -2))[3])  # where the codebook sees this batch
+    q(s)
+    assert q.window_step == 0 and (q.usage == 0).all()
+    e = e.reshape(-1, 8)
+    for k in (6, 7):
+        assert torch.cdist(q.codebook[k:k + 1], e).min() < 1e-4  # onto a vector of this batch
+        assert q.ema_count[k] == 1.0 and torch.equal(q.ema_sum[k], q.codebook[k])
+
+
+def test_eval_mode_changes_no_buffer():
+    model = Model(small_config())
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    model(x)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(x), model.encode(x), model.latents(x), model.eval_stats(x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_progressive_quantizer_class_stands_alone(tmp_path):
+    source = ("import math\nimport torch\nimport torch.distributed as dist\nimport torch.nn as nn\n"
+              "import torch.nn.functional as F\n\n" + inspect.getsource(ProgressiveQuantizer))
+    path = tmp_path / "copied_quantizer.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("copied_quantizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    q = module.ProgressiveQuantizer(8, 16, steps=4, channel_dim=2, spatial_dim=4, codebook_size=16)
+    s = torch.randn(8, 1, 8, 16, requires_grad=True)
+    e_hat, codes, loss, stats = q(s)
+    (e_hat.sum() + loss).backward()
+    assert e_hat.shape == (8, 4, 1, 8) and codes.shape == (8, 4, 1)
+    assert bool(q.initialized) and torch.isfinite(s.grad).all() and q.w_c.grad is not None
+
+
+def test_eval_stats_is_the_entropy_of_q_per_position_in_bits():
+    torch.manual_seed(0)
+    model = Model(small_config())
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    model(x)
+    model.eval()
+    q = model._progress(x)[2].detach().double()  # (B, L*P, K)
+    want = [float(np.mean([-(p[p > 0] * np.log2(p[p > 0])).sum() for p in q[:, i].numpy()])) for i in range(8)]
+    np.testing.assert_allclose(model.eval_stats(x)["cond_entropy_bits"].double().numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def _ddp_worker(rank):
+    torch.manual_seed(0)
+    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=16, dead_code_threshold=2,
+                             dead_code_window=3)
+    torch.manual_seed(1000 + rank)  # each rank its own data and random draws from here on, as in training
+    resets = []
+    reset = q._reset_dead_codes
+    q._reset_dead_codes = lambda e: (resets.append(int((q.usage < q.dead_code_threshold).sum())), reset(e))
+    for _ in range(9):
+        q(torch.randn(8, 1, 4, 4) + 3 * rank)  # rank 1's vectors far from rank 0's
+    return {"state": q.state_dict(), "resets": resets}
+
+
+def test_two_gloo_ranks_keep_the_codebook_bitwise_equal(two_gloo_ranks):
+    r0, r1 = two_gloo_ranks(_ddp_worker)
+    assert r0["resets"] == r1["resets"] and len(r0["resets"]) == 3 and sum(r0["resets"]) > 0
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), f"{name} differs between ranks"
 
 
 def test_entropy_term_matches_a_hand_computation():
@@ -148,12 +364,12 @@ def test_prefix_decoding_leaves_the_tail_out(tail_dropout):
     got = model.decode(codes[:, :k])
     assert torch.equal(got, model.decode(other, keep=k))
     # by hand: the first k code vectors, then the null code (tail_dropout) or zeros (the steps left out)
-    e = model.quantizer.lookup(codes).clone()  # (B, L*P, D)
+    e = model.quantizer.lookup(codes.view(2, 8, 1)).flatten(1, 2).clone()  # (B, L*P, D)
     e[:, k:] = model.null_code.detach() if tail_dropout else 0.0
     torch.testing.assert_close(got, model._decode_vectors(e.view(2, 8, 1, -1)), rtol=0, atol=1e-6)
     assert not torch.allclose(got, model.decode(codes))
     # leaving out one code (code_ablation, Fig. 5): only that code replaced, the tail kept
-    e = model.quantizer.lookup(codes).clone()
+    e = model.quantizer.lookup(codes.view(2, 8, 1)).flatten(1, 2).clone()
     e[:, 2] = model.null_code.detach() if tail_dropout else 0.0
     torch.testing.assert_close(model.code_ablation(x)[2], model._decode_vectors(e.view(2, 8, 1, -1)), rtol=0,
                                atol=1e-6)
@@ -184,38 +400,23 @@ def test_tail_dropout_replaces_exactly_the_tail():
     assert not hasattr(Model(small_config()), "null_code")
 
 
-def test_gradients_reach_encoder_transforms_and_codebook_through_the_gumbel_sample():
+def test_gradients_reach_encoder_and_transforms_and_not_the_ema_codebook():
     torch.manual_seed(0)
-    model = Model(small_config(lambda_h=0.0))  # the reconstruction alone: its gradient goes through the sample
+    model = Model(small_config())
     _, loss, _ = model(torch.rand(4, 3, 16, 16) * 2 - 1)
     loss.backward()
-    for name in ("encoder.net.0.weight", "quantizer.w_c", "quantizer.w_s", "quantizer.codebook"):
+    for name in ("encoder.net.0.weight", "quantizer.w_c", "quantizer.w_s", "decoder.net.0.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+    assert "quantizer.codebook" not in dict(model.named_parameters())
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(identity_gradient=False, beta=0.0)])  # ours, the paper's literal one
+# ours, its codebook learned by its loss, and the paper's Gumbel-softmax
+@pytest.mark.parametrize("kw", [dict(), dict(ema=False), dict(code_choice="gumbel")])
 def test_model_learns_a_batch(overfit, kw):
     torch.manual_seed(0)
     first, last = overfit(Model(small_config(temp_anneal_iters=100, **kw)), steps=200)
-    assert last < 0.5 * first
-
-
-def test_identity_gradient_adds_the_decoders_gradient_to_e_and_changes_no_value():
-    from pqvae import ProgressiveQuantizer
-    e = torch.randn(32, 64)
-    g = torch.randn(32, 64)  # the gradient arriving at e_hat
-    out = {}
-    for identity in (False, True):
-        quantizer = ProgressiveQuantizer(16, 64, steps=1, codebook_size=8, temperature=0.5, identity_gradient=identity)
-        quantizer.codebook.data = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-        leaf = e.clone().requires_grad_()
-        torch.manual_seed(1)  # the same Gumbel noise for both
-        e_hat, codes, _ = quantizer._quantize(leaf)
-        (e_hat * g).sum().backward()
-        out[identity] = (e_hat.detach(), codes, leaf.grad)
-    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
-    torch.testing.assert_close(out[True][2] - out[False][2], g)  # the soft sample's part, plus g unchanged
+    assert last < 0.3 * first
 
 
 def test_train_runs_pqvae_and_eval_reports_prefixes_ablation_and_strip(tmp_path):
@@ -233,6 +434,7 @@ def test_train_runs_pqvae_and_eval_reports_prefixes_ablation_and_strip(tmp_path)
         assert saved[f"codes_{n}/mse"] == pytest.approx(metrics[f"codes_{n}/mse"])
     assert saved["codes_4/mse"] == pytest.approx(saved["mse"])
     assert saved["code_ablation/positions"] == [0, 1, 2, 3]
+    assert len(saved["codes/entropy_bits"]) == 4 and len(saved["cond_entropy_bits"]) == 4
     assert len(saved["code_ablation/mse_increase"]) == 4
     assert Image.open(strip_path).size == (4 * 16, 4 * 16)  # inputs + 3 prefixes, 4 images each
 
