@@ -39,6 +39,7 @@ raster order for grids) and reports
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -157,31 +158,35 @@ def classify_from_codes(train_codes, train_labels, codes, prefixes, alpha=1.0):
     y = np.asarray(train_labels, dtype=np.int64)
     N, n = train.shape
     K, C = int(max(train.max(), test.max())) + 1, int(y.max()) + 1
-    pos = np.arange(n)
+    pos, classes = np.arange(n), np.arange(C)
     counts = np.zeros((n, C, K))  # counts[l, c, k]: training images of class c with code k at position l
     np.add.at(counts, (pos[None, :], y[:, None], train), 1)
     n_class = np.bincount(y, minlength=C).astype(np.float64)  # (C,)
     p_indep = (counts + alpha) / (n_class[None, :, None] + alpha * K)  # (n, C, K)
-    classes = np.arange(C)
-    log_indep = np.log(p_indep[pos[None, :, None], classes[None, None, :], test[:, :, None]])  # (M, n, C)
-
     # pairs (z_(l-1), z_l) per position l >= 1 and class, counted sparsely: n C K^2 counts would not fit
-    def pair_key(l, c, prev, cur):
-        return ((l * C + c) * K + prev) * K + cur
-    keys, pair_counts = np.unique(pair_key(pos[None, 1:], y[:, None], train[:, :-1], train[:, 1:]), return_counts=True)
-    query = pair_key(pos[None, 1:, None], classes[None, None, :], test[:, :-1, None], test[:, 1:, None])  # (M, n-1, C)
-    at = np.clip(np.searchsorted(keys, query), 0, max(len(keys) - 1, 0))
-    pair = np.where(keys[at] == query, pair_counts[at], 0) if len(keys) else np.zeros(query.shape)
-    prev = counts[pos[None, :-1, None], classes[None, None, :], test[:, :-1, None]]  # (M, n-1, C): count of z_(l-1)
-    log_step = np.log((pair + alpha * K * np.exp(log_indep[:, 1:])) / (prev + alpha * K))
-    log_1step = np.concatenate([log_indep[:, :1], log_step], 1)  # (M, n, C)
+    keys, pair_counts = np.unique(pair_key(pos[None, 1:], y[:, None], train[:, :-1], train[:, 1:], C, K),
+                                  return_counts=True)
+    with np.errstate(divide="ignore"):  # a class without training images gets probability 0: never chosen
+        log_prior = np.log(n_class / N)
+    out = {"independent": [], "1step": []}
+    for i in range(0, len(test), 1024):  # in chunks of rows, so that the (rows, n, C) arrays stay small
+        rows = test[i:i + 1024]
+        log_indep = np.log(p_indep[pos[None, :, None], classes[None, None, :], rows[:, :, None]])  # (M, n, C)
+        query = pair_key(pos[None, 1:, None], classes[None, None, :], rows[:, :-1, None], rows[:, 1:, None], C, K)
+        at = np.clip(np.searchsorted(keys, query), 0, max(len(keys) - 1, 0))
+        pair = np.where(keys[at] == query, pair_counts[at], 0) if len(keys) else np.zeros(query.shape)
+        prev = counts[pos[None, :-1, None], classes[None, None, :], rows[:, :-1, None]]  # (M, n-1, C): z_(l-1)'s
+        log_step = np.log((pair + alpha * K * np.exp(log_indep[:, 1:])) / (prev + alpha * K))
+        log_1step = np.concatenate([log_indep[:, :1], log_step], 1)  # (M, n, C)
+        for name, log_p in (("independent", log_indep), ("1step", log_1step)):
+            cum = log_prior + np.cumsum(log_p, 1)  # (M, n, C): log posterior, up to a constant, from the first l codes
+            out[name].append(np.stack([cum[:, m - 1].argmax(1) for m in prefixes], 1))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
 
-    log_prior = np.log(n_class / N)
-    out = {}
-    for name, log_p in (("independent", log_indep), ("1step", log_1step)):
-        cum = log_prior + np.cumsum(log_p, 1)  # (M, n, C): log posterior (up to a constant) from the first l codes
-        out[name] = np.stack([cum[:, m - 1].argmax(1) for m in prefixes], 1)
-    return out
+
+def pair_key(l, c, prev, cur, C, K):
+    """One int64 key for (position l, class c, code z_(l-1), code z_l), of C classes and K codes."""
+    return ((l * C + c) * K + prev) * K + cur
 
 
 def prefix_lengths(n):
@@ -356,19 +361,25 @@ def main(argv=None):
         dataset = data.get_dataset(tcfg["dataset"], args.split, data_dir, mcfg["image_size"])
         labels = data.get_labels(tcfg["dataset"], args.split, data_dir) if args.classify == "auto" else None
         train_labels = data.get_labels(tcfg["dataset"], "train", data_dir) if labels is not None else None
+        if train_labels is not None:
+            train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, mcfg["image_size"])
+            for split, images, found in ((args.split, dataset, labels), ("train", train_set, train_labels)):
+                if len(found) != len(images):
+                    raise data.DataError(f"{tcfg['dataset']} {split}: {len(images)} images but {len(found)} labels")
     except data.DataError as err:
         raise SystemExit(f"eval.py: {err}") from err
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True)
     codes = metrics.pop("_codes")
     if train_labels is not None and codes is not None:
-        train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, mcfg["image_size"])
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size)
+        n_batches = min(len(train_loader), args.max_batches or len(train_loader))  # --max_batches: the train split too
+        batches = tqdm(itertools.islice(train_loader, n_batches), total=n_batches, desc="codes of the train split",
+                       leave=False)
         with torch.no_grad():
-            train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu()
-                                     for x in tqdm(train_loader, desc="codes of the train split", leave=False)])
+            train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu() for x in batches])
         prefixes = prefix_lengths(codes.shape[1])
-        predicted = classify_from_codes(train_codes, train_labels, codes, prefixes)
+        predicted = classify_from_codes(train_codes, train_labels[:len(train_codes)], codes, prefixes)
         metrics["classify/n"] = prefixes
         for name, pred in predicted.items():  # the evaluated images are the split's first len(codes), in order
             metrics[f"classify/{name}"] = (pred == labels[:len(codes), None]).mean(0).tolist()

@@ -25,8 +25,9 @@ Where we depart from the paper (each in Config): the paper samples codes by Gumb
 learned by gradient alone. Such a codebook never moves, the softmax is one-hot and unchosen codes get no gradient,
 so whole code positions carry nothing. Here VQ picks the nearest code, with VQ-VAE's straight-through gradient and
 commitment term, and the codebook is fitted to data as in vqvae.py: k-means initialisation, EMA, dead-code reset.
-The Gumbel-softmax stays as an option (`--code_choice gumbel`). And since one codebook serves every step, each
-step's vectors are brought to the codebook's scale and centre first (step_norm, center_weight).
+The Gumbel-softmax stays as an option for the code choice (`--code_choice gumbel`; the codebook is fitted as
+above). And since one codebook serves every step, each step's vectors are brought to one scale and one centre
+first (step_norm, center_weight).
 
 Train it:  python train.py --model pqvae [--dataset mnist --data_dir DIR] [--tail_dropout true]
 Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (MSE from the first n codes, the MSE
@@ -73,7 +74,7 @@ class Config:
     decay: float = 0.99  # EMA decay (VQ-VAE)
     eps: float = 1e-5  # Laplace smoothing of the EMA counts
     kmeans_iters: int = 10  # the codebook starts as k-means of the first batch's e_l, all steps; 0: a random sample
-    dead_code_threshold: float = 2.0  # codes chosen fewer times than this over a window move onto an e_l; 0: never
+    dead_code_threshold: float = 2.0  # codes chosen fewer times than this over a window move onto a u_l; 0: never
     dead_code_window: int = 10  # batches per window
     # Our addition, so that every step can use the whole shared codebook: without it the early steps' vectors sit
     # off-centre and spread little, few codes are near them, and early code positions carry almost nothing.
@@ -139,9 +140,9 @@ class ProgressiveQuantizer(nn.Module):
     W_s^T, computed by solves of small (channel_dim and spatial_dim square) systems, with gradients.
 
     The codebook sees each step's vector scaled, u_l = e_l / s_l, by that step's running scale s_l, and e^_l = s_l c;
-    a penalty, center_weight * mean_l ||batch mean of u_l||^2 / D, pulls each step's vectors to the codebook's
-    centre (step_norm and center_weight, our addition: steps whose vectors sit off-centre or spread little would
-    find only a few codes near them otherwise). The code is the nearest one (or a Gumbel-softmax sample,
+    a penalty, center_weight * mean_l ||batch mean of u_l||^2 / D, pulls each step's batch mean to 0, so that all
+    steps share one centre (step_norm and center_weight, our addition: steps whose vectors sit off-centre or spread
+    little would find only a few codes near them otherwise). The code is the nearest one (or a Gumbel-softmax sample,
     code_choice "gumbel", training only), and the gradient of e^_l reaches e_l unchanged (straight-through).
     q(z_l | x) = softmax(-||u_l - c_k||^2) is eq. 5's posterior. The loss is beta * ||e - sg(e^)||^2 + the penalty
     + lambda_h * eq. 5, plus ||sg(u) - code||^2 when ema is off.
@@ -320,8 +321,9 @@ class ProgressiveQuantizer(nn.Module):
             self.step_var.mul_(self.decay).add_(var, alpha=1 - self.decay)
 
     def _step_var(self, e):
-        """Each step's variance per dimension (L,) of e (L, N, D), about its mean, over all ranks' vectors."""
-        n = self._all_reduce(torch.tensor(float(e.shape[1]), device=e.device))
+        """Each step's variance per dimension (L,) of e (L, N, D), about its mean, over all ranks' vectors (N equal
+        on all ranks, as for _gather)."""
+        n = e.shape[1] * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
         mean = self._all_reduce(e.sum(1)) / n
         var = self._all_reduce(((e - mean[:, None]) ** 2).sum((1, 2))) / (n * self.dim)
         return var.clamp(min=1e-12)
@@ -547,7 +549,7 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> ordered codes (B, L*P). Use in eval mode (training mode samples)."""
+        """(B, C, H, W) -> ordered codes (B, L*P), the nearest (in training mode with code_choice "gumbel": samples)."""
         return self._progress(x)[1].flatten(1)
 
     @torch.no_grad()
@@ -593,14 +595,17 @@ class Model(nn.Module):
 
     def _progress(self, x):
         """Algorithm 1 on x, nothing updated: (e_hat, codes, q, e) as ProgressiveQuantizer.progress gives them."""
+        s = self._submaps(x)  # under the caller's autocast, as in forward
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.quantizer.progress(self._submaps(x).float().transpose(-1, -2))
+            return self.quantizer.progress(s.float().transpose(-1, -2))
 
     @torch.no_grad()
     def latents(self, x):
-        """For eval.py: {"pq": (codebook (K, D), the vectors e_l of every step and sub-map (N, D), codes (N,))}."""
+        """For eval.py: {"pq": (codebook (K, D), the vectors u_l of every step and sub-map (N, D), scaled as the
+        codebook sees them, codes (N,))}."""
         _, codes, _, e = self._progress(x)
-        return {"pq": (self.quantizer.codebook.detach().float(), e.reshape(-1, self.quantizer.dim), codes.flatten())}
+        u = self.quantizer.scaled(e).reshape(-1, self.quantizer.dim)
+        return {"pq": (self.quantizer.codebook.detach().float(), u, codes.flatten())}
 
     @torch.no_grad()
     def eval_stats(self, x):

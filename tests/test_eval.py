@@ -263,3 +263,8 @@ def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path):
         assert acc[-1] > 0.5  # three classes that differ in every row of codes: far above chance (1/3)
     assert len(metrics["codes/entropy_bits"]) == 49
     assert "classify/n" not in ev.main(common + ["--classify", "off"])
+    few = ev.main(common + ["--max_batches", "1"])  # 8 images of each split, their labels the first 8
+    assert few["images"] == 8 and len(few["classify/1step"]) == 7
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 11) + bytes(11))
+    with pytest.raises(SystemExit, match="12 images but 11 labels"):
+        ev.main(common)
