@@ -229,7 +229,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             if diagnostics and hasattr(model, "encode"):
                 sequences.append(code_sequence(model.encode(x)).cpu())
         for name, value in own.items():
-            stat_sums[name] = stat_sums.get(name, 0.0) + value.detach().double().cpu() * x.shape[0]
+            stat_sums[name] = stat_sums.get(name, 0.0) + torch.as_tensor(value).detach().double().cpu() * x.shape[0]
         for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
             partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
         mse = per_image_mse(x, x_hat).double()  # (B,)
