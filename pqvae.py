@@ -329,14 +329,14 @@ class ProgressiveQuantizer(nn.Module):
         return var.clamp(min=1e-12)
 
     @torch.no_grad()
-    def _reset_dead_codes(self, e):
+    def _reset_dead_codes(self, u):
         """Move every code chosen fewer than dead_code_threshold times in the window onto a random u_l of this batch
         (drawn from all ranks' by rank 0, broadcast), and reset its EMA count and sum with it, or the next EMA step
         would drag it back."""
         dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
-        e = self._gather(e)  # (world * N, D)
+        u = self._gather(u)  # (world * N, D)
         # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
-        candidates = self._broadcast(e[torch.randint(0, e.shape[0], (self.codebook_size,), device=e.device)])
+        candidates = self._broadcast(u[torch.randint(0, u.shape[0], (self.codebook_size,), device=u.device)])
         self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
         self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
         self.ema_count.masked_fill_(dead, 1.0)

@@ -19,6 +19,12 @@ from pqvae import Config, Model, ProgressiveQuantizer, partition, unpartition
 entropy_term = ProgressiveQuantizer.entropy_term
 
 
+def small_quantizer(**kw):
+    """A ProgressiveQuantizer alone: sub-maps of 4 channels x 4 positions, 3 steps of 8-dim vectors, 8 codes."""
+    base = dict(channels=4, positions=4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8)
+    return ProgressiveQuantizer(**{**base, **kw})
+
+
 def small_config(**kw):
     """16x16 images, 8x8 map (downsample 2), one sub-map, 8 steps: 8 codes per image."""
     base = dict(image_size=16, hidden=16, feature_dim=32, downsample=2, steps=8, codebook_size=32,
@@ -101,8 +107,7 @@ def test_gumbel_temperature_shapes_the_gradient_not_the_code():
     e, c, g = torch.randn(32, 8), torch.randn(16, 8), torch.randn(32, 8)
     out = {}
     for tau in (1.0, 1 / 16):
-        quantizer = ProgressiveQuantizer(4, 4, steps=1, channel_dim=2, spatial_dim=4, codebook_size=16,
-                                         code_choice="gumbel", temperature=tau)
+        quantizer = small_quantizer(steps=1, codebook_size=16, code_choice="gumbel", temperature=tau)
         leaf = e.clone().requires_grad_()
         torch.manual_seed(1)  # the same noise for both temperatures
         e_hat, codes, _ = quantizer.choose(leaf, c)
@@ -117,7 +122,7 @@ def test_gumbel_temperature_shapes_the_gradient_not_the_code():
 
 def test_straight_through_forward_is_the_nearest_code_and_the_gradient_reaches_e_unchanged():
     torch.manual_seed(0)
-    quantizer = ProgressiveQuantizer(4, 4, steps=1, channel_dim=2, spatial_dim=4, codebook_size=16)
+    quantizer = small_quantizer(steps=1, codebook_size=16)
     e, c, g = torch.randn(32, 8, requires_grad=True), torch.randn(16, 8), torch.randn(32, 8)
     e_hat, codes, q = quantizer.choose(e, c)
     (e_hat * g).sum().backward()
@@ -153,8 +158,7 @@ def test_a_learned_codebook_moves_by_its_own_loss_only():
 
 def test_ema_codebook_gets_no_gradient_and_follows_the_ema_formula():
     torch.manual_seed(0)
-    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, decay=0.9, eps=1e-5,
-                             dead_code_threshold=0)
+    q = small_quantizer(decay=0.9, eps=1e-5, dead_code_threshold=0)
     assert "codebook" in dict(q.named_buffers()) and "codebook" not in dict(q.named_parameters())
     s = torch.randn(6, 2, 4, 4)  # (B, P, C, S)
     q(s)  # initialises from this batch
@@ -176,8 +180,7 @@ def test_ema_codebook_gets_no_gradient_and_follows_the_ema_formula():
 
 def test_step_scale_follows_the_ema_of_each_steps_variance_and_the_center_term_by_hand():
     torch.manual_seed(0)
-    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, decay=0.9, beta=0.0,
-                             lambda_h=0.0, center_weight=1.0, dead_code_threshold=0)
+    q = small_quantizer(decay=0.9, beta=0.0, lambda_h=0.0, center_weight=1.0, dead_code_threshold=0)
     q(torch.randn(6, 2, 4, 4))  # initialises from this batch
     var0 = q.step_var.clone().double()
     s = torch.randn(6, 2, 4, 4) * 2
@@ -195,7 +198,7 @@ def test_step_scale_follows_the_ema_of_each_steps_variance_and_the_center_term_b
 def test_kmeans_init_takes_the_codebook_from_the_first_batch_of_every_step_once():
     torch.manual_seed(0)
     # decay 1: the EMA step after the initialisation leaves the codes where it put them
-    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0, decay=1.0)
+    q = small_quantizer(kmeans_iters=0, decay=1.0)
     s = torch.randn(5, 1, 4, 4) * 3
     # Algorithm 1 without quantization (e^_l = e_l), by hand: the vectors the codebook is drawn from
     f, pinv, es = s.transpose(-1, -2), q.pinv(), []
@@ -211,8 +214,7 @@ def test_kmeans_init_takes_the_codebook_from_the_first_batch_of_every_step_once(
     assert (torch.cdist(q.codebook.double(), es.double()).min(1).values < 1e-4).all()  # every code is one of them
     assert torch.cdist(es[:5].double(), q.codebook.double()).min() < 1e-4  # step 1's vectors are among them
     # and not again: a state-dict round trip keeps the codebook, a new batch does not re-initialise it
-    fresh = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0,
-                                 decay=1.0)
+    fresh = small_quantizer(kmeans_iters=0, decay=1.0)
     fresh.load_state_dict(q.state_dict())
     trained = q.codebook.clone()
     far = torch.randn(5, 1, 4, 4) * 100
@@ -222,8 +224,7 @@ def test_kmeans_init_takes_the_codebook_from_the_first_batch_of_every_step_once(
 
 def test_dead_codes_move_onto_vectors_of_the_batch_and_their_ema_is_reset():
     torch.manual_seed(0)
-    q = ProgressiveQuantizer(4, 4, steps=2, channel_dim=2, spatial_dim=4, codebook_size=8, kmeans_iters=0,
-                             dead_code_threshold=1, dead_code_window=2)
+    q = small_quantizer(steps=2, kmeans_iters=0, dead_code_threshold=1, dead_code_window=2)
     s = torch.randn(6, 1, 4, 4)
     q(s)
     with torch.no_grad():  # two codes far from every vector: never chosen
@@ -284,8 +285,7 @@ def test_eval_stats_is_the_entropy_of_q_per_position_in_bits():
 
 def _ddp_worker(rank):
     torch.manual_seed(0)
-    q = ProgressiveQuantizer(4, 4, steps=3, channel_dim=2, spatial_dim=4, codebook_size=16, dead_code_threshold=2,
-                             dead_code_window=3)
+    q = small_quantizer(codebook_size=16, dead_code_threshold=2, dead_code_window=3)
     torch.manual_seed(1000 + rank)  # each rank its own data and random draws from here on, as in training
     resets = []
     reset = q._reset_dead_codes
