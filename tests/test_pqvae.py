@@ -278,8 +278,11 @@ def test_eval_stats_is_the_entropy_of_q_per_position_in_bits():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     model(x)
     model.eval()
+    with torch.no_grad():  # codes drawn close together: q(z|x) is spread, not one-hot, so its entropy is not 0
+        model.quantizer.codebook.mul_(0.05)
     q = model._progress(x)[2].detach().double()  # (B, L*P, K)
     want = [float(np.mean([-(p[p > 0] * np.log2(p[p > 0])).sum() for p in q[:, i].numpy()])) for i in range(8)]
+    assert min(want) > 0.01
     np.testing.assert_allclose(model.eval_stats(x)["cond_entropy_bits"].double().numpy(), want, rtol=1e-4, atol=1e-6)
 
 
@@ -296,6 +299,20 @@ def _ddp_worker(rank):
     with torch.no_grad():
         u = q.scaled(q.progress(s.transpose(-1, -2))[3]).reshape(-1, 8)  # its last batch, as the codebook sees it
     return {"state": q.state_dict(), "resets": resets, "u": u}
+
+
+def _step_var_worker(rank):
+    torch.manual_seed(rank)
+    e = torch.randn(3, 50, 8) + 3 * rank  # (L, N, D): rank 1's vectors far from rank 0's
+    return {"e": e, "var": small_quantizer()._step_var(e)}
+
+
+def test_step_variance_is_taken_over_both_ranks_vectors(two_gloo_ranks):
+    r0, r1 = two_gloo_ranks(_step_var_worker)
+    both = torch.cat([r0["e"], r1["e"]], 1).double()  # (L, 2N, D)
+    want = ((both - both.mean(1, keepdim=True)) ** 2).mean((1, 2))  # about the pooled mean, not each rank's
+    torch.testing.assert_close(r0["var"].double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(r0["var"], r1["var"])
 
 
 def test_two_gloo_ranks_keep_the_codebook_bitwise_equal(two_gloo_ranks):
@@ -454,6 +471,8 @@ def test_train_runs_pqvae_and_eval_reports_prefixes_ablation_and_strip(tmp_path)
     assert saved["codes_4/mse"] == pytest.approx(saved["mse"])
     assert saved["code_ablation/positions"] == [0, 1, 2, 3]
     assert len(saved["codes/entropy_bits"]) == 4 and len(saved["cond_entropy_bits"]) == 4
+    assert saved["codes/entropy_bits_mean"] == pytest.approx(np.mean(saved["codes/entropy_bits"]))
+    assert saved["codes/entropy_bits_min"] == pytest.approx(min(saved["codes/entropy_bits"]))
     assert len(saved["code_ablation/mse_increase"]) == 4
     assert Image.open(strip_path).size == (4 * 16, 4 * 16)  # inputs + 3 prefixes, 4 images each
 
