@@ -548,6 +548,12 @@ class Model(nn.Module):
             z_q[rows] = join_pieces(quantizer.lookup(codes[rows, :V // d]), V)  # (m, V/d, d) -> (m, V)
         return self._decode_latents(z_q.view(B, h, w, V))
 
+    def code_layout(self):
+        """For prior.py: refused. A position's code count depends on the codebook chosen there (V / D), so the codes
+        of an image are no fixed-length sequence, and the fixed model's are padded pieces of one codebook."""
+        raise ValueError("adaptive_vq: its codes are no fixed-length sequence (each position has V / D codes of the "
+                         "codebook it chooses), so prior.py cannot model them")
+
     @torch.no_grad()
     def latents(self, x):
         """For eval.py: {"<N>x<D>": (codebook (N, D), pieces (P, D), codes (P,))}, one entry per codebook, over the

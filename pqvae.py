@@ -565,6 +565,10 @@ class Model(nn.Module):
             e_hat = self._leave_out(e_hat, keep)
         return self._decode_vectors(e_hat)
 
+    def code_layout(self):
+        """For prior.py: [(one image's code shape, K)]: one level, the L*P codes in step order."""
+        return [((self.num_codes,), self.cfg.codebook_size)]
+
     def _prefixes(self):
         n = self.num_codes
         return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})

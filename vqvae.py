@@ -452,6 +452,13 @@ class Model(nn.Module):
             z_q = z_q * mask.repeat_interleave(self.cfg.code_dim // self.cfg.groups).to(z_q.dtype)
         return self._decode_latents(z_q)
 
+    def code_layout(self):
+        """For prior.py: [(one image's code shape, K)] per level, in encode's order: (h, w), or (h, w, G) with
+        groups. train.py's protocol says how codes become one sequence."""
+        side = self.cfg.image_size // self.cfg.downsample
+        shape = (side, side, self.cfg.groups) if self.cfg.groups > 1 else (side, side)
+        return [(shape, self.cfg.codebook_size)]
+
     @torch.no_grad()
     def partial_decodes(self, x):
         """For eval.py: {"groups_n": reconstruction from the first n groups} for n = 1..G, when G > 1."""

@@ -405,6 +405,12 @@ class Model(nn.Module):
         top, bottom = codes
         return self._decode_latents(self.quant_t.lookup(top), self.quant_b.lookup(bottom))
 
+    def code_layout(self):
+        """For prior.py: [(one image's code shape, K)] per level, in encode's order: the top grid, then the bottom
+        grid. train.py's protocol says how codes become one sequence."""
+        side, K = self.cfg.image_size // self.cfg.downsample, self.cfg.codebook_size
+        return [((side // 2, side // 2), K), ((side, side), K)]
+
     @torch.no_grad()
     def latents(self, x):
         """For eval.py: {name: (codebook (K, D), pre-quantization vectors (N, D), codes (N,))} for "top" and

@@ -628,6 +628,14 @@ class Model(nn.Module):
         """codes (B, h, w) -> (B, C, H, W)"""
         return self._decode_latents(self.quantizer.lookup(codes))
 
+    def code_layout(self):
+        """For prior.py: [(one image's code shape, K)]: one (h, w) grid. Refused during warm-up, when the codes are
+        those of an untrained codebook."""
+        if self.quantizer.warming_up:
+            raise ValueError("warmup_vqgan: the model is still in its warm-up (no trained codes before the switch)")
+        side = self.cfg.image_size // 2 ** (len(self.cfg.ch_mult) - 1)
+        return [((side, side), self.cfg.codebook_size)]
+
     @torch.no_grad()
     def latents(self, x):
         """For eval.py: {"vq": (codebook (K, D), pre-quantization vectors (N, D), codes (N,))}."""
