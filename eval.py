@@ -27,6 +27,11 @@ For models with measurements of their own (model.eval_stats(x) -> {name: tensor}
 scalar or one value per position: how often adaptive_vq chooses each codebook, pqvae's entropy of q(z_l | x) per
 position), the split's mean of each, weighted by batch size, under its name. The hook runs under torch.no_grad(); a
 model that needs gradients for a measurement enables them itself.
+A model that does not reconstruct (a prior, prior.py: forward gives x_hat None) has no pixel or codebook metrics:
+it is measured by the split's mean of its forward's stats (bits_per_code, bits_per_image), and eval.py's main adds
+  baseline/uniform_...  the bits of the same codes when every code at a position is equally likely (log2 K each)
+  baseline/unigram_...  the bits of the same codes under a per-position unigram fitted on the train split's codes
+                        (see unigram_bits): a prior that learned anything from the context beats both
 eval.py's main also reads the codes (model.encode, every level in order, flattened per image into one sequence:
 raster order for grids) and reports
   codes/entropy_bits   the entropy in bits of the code at each position over the split (mean, min and the first
@@ -131,6 +136,16 @@ def code_sequence(codes):
     return torch.cat([c.reshape(c.shape[0], -1).long() for c in levels], 1)
 
 
+def sequence_to_codes(seq, layout):
+    """code_sequence's inverse: (B, n) -> the codes as the model's encode gives them, for its code_layout() `layout`
+    [(one image's code shape, K), ...]: a tensor for one level, a tuple for several."""
+    sizes = [math.prod(shape) for shape, _ in layout]
+    if seq.shape[1] != sum(sizes):
+        raise ValueError(f"a sequence of {seq.shape[1]} codes, where the layout {layout} holds {sum(sizes)}")
+    levels = tuple(part.reshape(seq.shape[0], *shape) for part, (shape, _) in zip(seq.split(sizes, 1), layout))
+    return levels if len(levels) > 1 else levels[0]
+
+
 def position_entropy(codes):
     """Entropy in bits of the empirical distribution of the code at each position: codes (N, n) -> (n,) float64."""
     codes = codes - codes.min()  # some models mark an unused slot with -1
@@ -189,6 +204,18 @@ def pair_key(l, c, prev, cur, C, K):
     return ((l * C + c) * K + prev) * K + cur
 
 
+def unigram_bits(train_codes, codes, sizes, alpha=1.0):
+    """Bits of each row of `codes` (M, n) under a per-position unigram model fitted on train_codes (N, n): code k at
+    position t has probability (count + alpha) / (N + alpha K_t), K_t = sizes[t] (add-alpha smoothing, our choice:
+    a code unseen in training costs finite bits). Returns (M,) float64."""
+    N, n = train_codes.shape
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    counts = torch.zeros(n, int(sizes.max()), dtype=torch.float64)  # counts[t, k]: training rows with code k at t
+    counts.scatter_add_(1, train_codes.t().long(), torch.ones(n, N, dtype=torch.float64))
+    p = (counts + alpha) / (N + alpha * sizes[:, None])  # (n, K_max); entries past K_t are never looked up
+    return -torch.log2(p.gather(1, codes.t().long())).sum(0)  # (n, M) -> (M,)
+
+
 def prefix_lengths(n):
     """1, 2, 4, ... up to n, and n."""
     return sorted({2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
@@ -221,31 +248,36 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             break
         x = x.to(device, non_blocking=True)
         with autocast or torch.autocast(device.type, enabled=False):
-            x_hat = model(x)[0]
-            views = model.latents(x)  # {name: (codebook (K, D), z (N, D), codes (N,))}
+            x_hat, _, forward_stats = model(x)
+            views = model.latents(x) if hasattr(model, "latents") else {}  # {name: (codebook, z (N, D), codes (N,))}
             partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
             ablated = model.code_ablation(x) if diagnostics and hasattr(model, "code_ablation") else {}
             own = model.eval_stats(x) if hasattr(model, "eval_stats") else {}
             if diagnostics and hasattr(model, "encode"):
                 sequences.append(code_sequence(model.encode(x)).cpu())
+        if x_hat is None:  # a model that does not reconstruct (a prior) is measured by its forward's stats
+            own = {**forward_stats, **own}
         for name, value in own.items():
             stat_sums[name] = stat_sums.get(name, 0.0) + torch.as_tensor(value).detach().double().cpu() * x.shape[0]
-        for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
-            partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
-        mse = per_image_mse(x, x_hat).double()  # (B,)
-        for pos, x_abl in ablated.items():
-            ablation_sse[pos] = ablation_sse.get(pos, 0.0) + float((per_image_mse(x, x_abl).double() - mse).sum())
-        mse_sum, n_images = mse_sum + float(mse.sum()), n_images + x.shape[0]
-        per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
-        x01 = (x.double() + 1) / 2
-        px_sum = x01.sum(0) if px_sum is None else px_sum + x01.sum(0)
-        px_sq_sum = (x01 ** 2).sum(0) if px_sq_sum is None else px_sq_sum + (x01 ** 2).sum(0)
+        n_images += x.shape[0]
         for name, (codebook, z, codes) in views.items():
             codebooks[name] = codebook.float().cpu()
             c = torch.bincount(codes.flatten(), minlength=codebook.shape[0]).cpu()
             counts[name] = c if name not in counts else counts[name] + c
             rows = torch.randperm(z.shape[0], generator=picker)[:math.ceil(max_latents / n_batches)]
             latents.setdefault(name, []).append(z.cpu()[rows].float())
+        if x_hat is None:
+            continue
+        for name, x_part in partial.items():  # reconstructions from part of the codes: MSE per variant
+            partial_sse[name] = partial_sse.get(name, 0.0) + float(per_image_mse(x, x_part).double().sum())
+        mse = per_image_mse(x, x_hat).double()  # (B,)
+        for pos, x_abl in ablated.items():
+            ablation_sse[pos] = ablation_sse.get(pos, 0.0) + float((per_image_mse(x, x_abl).double() - mse).sum())
+        mse_sum += float(mse.sum())
+        per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
+        x01 = (x.double() + 1) / 2
+        px_sum = x01.sum(0) if px_sum is None else px_sum + x01.sum(0)
+        px_sq_sum = (x01 ** 2).sum(0) if px_sq_sum is None else px_sq_sum + (x01 ** 2).sum(0)
         if grid is None:
             grid = (x.cpu(), x_hat.float().cpu())
             strip = [x.cpu()] + [x_part.float().cpu() for x_part in partial.values()] if partial else None
@@ -253,10 +285,12 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
         raise ValueError("evaluate: the loader gave no batches")
     model.train(was_training)
 
-    mse = mse_sum / n_images
-    mean_image_mse = float((px_sq_sum / n_images - (px_sum / n_images) ** 2).mean())
-    out = {"mse": mse, "psnr": psnr(mse), "psnr_per_image": float(torch.cat(per_image_psnr).mean()),
-           "mean_image_psnr": psnr(mean_image_mse), "images": int(n_images)}
+    out = {"images": int(n_images)}
+    if per_image_psnr:
+        mse = mse_sum / n_images
+        mean_image_mse = float((px_sq_sum / n_images - (px_sum / n_images) ** 2).mean())
+        out = {"mse": mse, "psnr": psnr(mse), "psnr_per_image": float(torch.cat(per_image_psnr).mean()),
+               "mean_image_psnr": psnr(mean_image_mse), **out}
     for name, c in counts.items():
         for key, value in codebook_metrics(c, torch.cat(latents[name]), codebooks[name]).items():
             out[f"{name}/{key}"] = value
@@ -357,12 +391,15 @@ def main(argv=None):
     model, ckpt = load_model(args.ckpt, device)
     tcfg, mcfg = ckpt["train_config"], ckpt["model_config"]
     data_dir = args.data_dir or tcfg["data_dir"] or None
+    sizes = getattr(model, "code_sizes", None)  # a prior: K at each position, for its baselines
     try:
         dataset = data.get_dataset(tcfg["dataset"], args.split, data_dir, mcfg["image_size"])
         labels = data.get_labels(tcfg["dataset"], args.split, data_dir) if args.classify == "auto" else None
         train_labels = data.get_labels(tcfg["dataset"], "train", data_dir) if labels is not None else None
-        if train_labels is not None:
+        train_set = None
+        if train_labels is not None or sizes is not None:
             train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, mcfg["image_size"])
+        if train_labels is not None:
             for split, images, found in ((args.split, dataset, labels), ("train", train_set, train_labels)):
                 if len(found) != len(images):
                     raise data.DataError(f"{tcfg['dataset']} {split}: {len(images)} images but {len(found)} labels")
@@ -371,13 +408,20 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True)
     codes = metrics.pop("_codes")
-    if train_labels is not None and codes is not None:
+    if train_set is not None and codes is not None:
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size)
         n_batches = min(len(train_loader), args.max_batches or len(train_loader))  # --max_batches: the train split too
         batches = tqdm(itertools.islice(train_loader, n_batches), total=n_batches, desc="codes of the train split",
                        leave=False)
         with torch.no_grad():
             train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu() for x in batches])
+    if sizes is not None and codes is not None:  # the same codes under uniform and per-position unigram models
+        uniform = float(torch.log2(sizes.double()).sum())
+        unigram = float(unigram_bits(train_codes, codes, sizes.cpu()).mean())
+        for name, bits in (("uniform", uniform), ("unigram", unigram)):
+            metrics[f"baseline/{name}_bits_per_image"] = bits
+            metrics[f"baseline/{name}_bits_per_code"] = bits / len(sizes)
+    if train_labels is not None and codes is not None:
         prefixes = prefix_lengths(codes.shape[1])
         predicted = classify_from_codes(train_codes, train_labels[:len(train_codes)], codes, prefixes)
         metrics["classify/n"] = prefixes
@@ -387,7 +431,9 @@ def main(argv=None):
     stem = os.path.splitext(args.ckpt)[0]
     grid_path = args.grid or f"{stem}_{args.split}_recon.png"
     json_path = args.json or f"{stem}_{args.split}_metrics.json"
-    save_grid(*metrics.pop("_grid"), grid_path)
+    grid = metrics.pop("_grid")
+    if grid is not None:
+        save_grid(*grid, grid_path)
     strip = metrics.pop("_strip")
     if strip:
         strip_path = args.strip or f"{stem}_{args.split}_partial.png"
@@ -397,7 +443,7 @@ def main(argv=None):
     print(format_table(metrics))
     with open(json_path, "w") as f:
         json.dump({"checkpoint": args.ckpt, "split": args.split, "step": ckpt["step"], **metrics}, f, indent=2)
-    print(f"wrote {json_path} and {grid_path}")
+    print(f"wrote {json_path}" + (f" and {grid_path}" if grid is not None else ""))
     return metrics
 
 

@@ -15,8 +15,12 @@ The model protocol. train.py knows no model by name: it imports <model>.py and u
   Config                      a dataclass of hyperparameters, with `image_size` and `in_channels` among them;
   Model(cfg)                  forward(x) -> (x_hat, loss, stats): x in [-1, 1] (B, C, H, W), loss the scalar to
                               back-propagate, stats a flat dict of scalar tensors, `recon` (MSE in [-1, 1]) among them;
-                              encode / decode / latents for eval.py;
-  PRESETS (optional)          {dataset: {key: value}}, keys from Config or TrainConfig.
+                              encode / decode / latents for eval.py. A model over another model's codes (prior.py)
+                              returns x_hat None and is measured by its stats;
+  PRESETS (optional)          {dataset: {key: value}}, keys from Config or TrainConfig;
+  inherited_settings(args)    (optional) settings taken from elsewhere, given the command line {key: raw value}:
+                              prior.py takes its dataset, image size and out_dir from its tokenizer's checkpoint.
+                              They sit above the dataset's defaults and below the presets and the command line.
 and, when the Model has them, these hooks:
   set_step(step)              called before every optimizer step with the step about to run (0-based), on every rank:
                               temperature schedules, a warm-up phase switch. State it changes that must survive a
@@ -28,6 +32,11 @@ and, when the Model has them, these hooks:
   aux_loss(x, x_hat) -> (loss, stats)
                               the aux part's loss, called after the main step on the same batch with x_hat detached;
                               its stats are logged with an `aux_` prefix.
+  code_layout() -> [(shape, K), ...]
+                              a tokenizer's codes, for prior.py: per level, in encode's order, the shape of one
+                              image's codes and the number of codes (a ValueError when it has none to give). Codes
+                              become one sequence per image level by level, each in raster order, groups last
+                              (eval.code_sequence; eval.sequence_to_codes goes back).
 
 Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
 written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind, and before any
@@ -179,6 +188,10 @@ def resolve_config(argv):
     train_types = field_types(TrainConfig)
     early = {k: convert(k, args[k], train_types[k]) for k in ("model", "dataset", "out_dir", "resume") if k in args}
     tcfg = TrainConfig(**early)
+    inherited = {}
+    if not (tcfg.resume and "out_dir" in early):  # a prior's data and default out_dir are its tokenizer's
+        inherited = getattr(import_model(tcfg.model), "inherited_settings", lambda args: {})(args)
+        tcfg = TrainConfig(**{**{k: v for k, v in inherited.items() if k in train_types}, **early})
     ckpt = None
     if tcfg.resume:
         ckpt = evaluation.read_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
@@ -208,6 +221,7 @@ def resolve_config(argv):
     else:
         channels, image_size = data.DATASETS[tcfg.dataset]
         values = {k: v for k, v in (("in_channels", channels), ("image_size", image_size)) if k in model_types}
+        values.update(inherited)
         preset = getattr(module, "PRESETS", {}).get(tcfg.dataset, {})
         bad = set(preset) - set(train_types) - set(model_types)
         assert not bad, f"{tcfg.model}.PRESETS[{tcfg.dataset!r}] has unknown keys {bad}"
@@ -462,7 +476,9 @@ def main(argv=None):
     config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
     if master:
         os.makedirs(tcfg.out_dir, exist_ok=True)
-        print(f"{tcfg.model} on {tcfg.dataset}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
+        frozen = sum(p.numel() for p in raw_model.parameters() if not p.requires_grad)
+        print(f"{tcfg.model} on {tcfg.dataset}: {sum(p.numel() for p in raw_model.parameters()) - frozen:,} "
+              f"parameters" + (f" (and {frozen:,} frozen)" if frozen else "") + ", "
               f"{device}, {world} rank(s), {str(dtype).replace('torch.', '')}, from step {step}")
         print(json.dumps(config, indent=1))
     log_file = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
@@ -487,8 +503,14 @@ def main(argv=None):
 
     def validate():
         metrics = evaluation.evaluate(raw_model, val_loader, device, autocast, max_batches=tcfg.eval_batches)
-        evaluation.save_grid(*metrics.pop("_grid"), os.path.join(tcfg.out_dir, f"recon_{step:06d}.png"))
+        grid = metrics.pop("_grid")
+        if grid is not None:
+            evaluation.save_grid(*grid, os.path.join(tcfg.out_dir, f"recon_{step:06d}.png"))
         log({"step": step, "split": "val", **metrics})
+        if "psnr" not in metrics:  # a prior: its own measurements
+            tqdm.write(f"step {step}: val " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                        if isinstance(v, float)))
+            return
         ppl = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.endswith(("perplexity", "usage")))
         tqdm.write(f"step {step}: val psnr {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f})"
                    f"  {ppl}")
@@ -539,11 +561,14 @@ def main(argv=None):
             if log_now:
                 last_stats = {k: float(v) for k, v in stats.items()}
                 record = {"step": step, "split": "train", "loss": float(loss.detach()), "lr": lr,
-                          "psnr": evaluation.psnr(last_stats["recon"] / 4),  # recon is MSE on [-1, 1]: /4 for [0, 1]
                           "time": round(time.time() - t0, 2), **last_stats}
+                if "recon" in last_stats:  # recon is MSE on [-1, 1]: /4 for [0, 1]
+                    record["psnr"] = evaluation.psnr(last_stats["recon"] / 4)
                 log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
-                                ppl=f"{last_stats.get('perplexity', float('nan')):.1f}")
+                shown = {"psnr": record.get("psnr"), "ppl": last_stats.get("perplexity"),
+                         "bits": last_stats.get("bits_per_code")}
+                bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                **{k: f"{v:.2f}" for k, v in shown.items() if v is not None})
             if save_now:  # before validating: whatever validation does, the step's work is safe
                 checkpoint()
             if master and (step % tcfg.eval_interval == 0 or done):
