@@ -7,6 +7,7 @@ images/s and the share of its step spent in the quantizer; the data loader's thr
   python bench.py --quantizer 65536,65536,8              # one quantizer size: N vectors, K codes, D dims (repeatable)
   python bench.py --train_only --model vqvae --dataset celeba --batch_size 128 --dtype bfloat16 [--compile]
   python bench.py --train_only --model vqvae2 --dataset mnist --matched   # vqvae2 and its capacity-matched vqvae
+  python bench.py --train_only --model prior --tokenizer out/pqvae_mnist/ckpt.pt  # a prior, and its tokenizer's share
   python bench.py --loading 0,2,4 --dataset celeba --data_dir DIR        # images/s of the loader, per worker count
 
 Every flag that is not bench.py's own is a train.py setting (model, dataset, any Config field), resolved as train.py
@@ -180,8 +181,13 @@ def bench_training(argv, steps, device):
     if device.type == "cuda":
         print(sync_check(one_step))
     seconds = timed(one_step, steps, device)
-    share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
-    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share
+    if hasattr(model, "tokenizer"):  # a prior: the share of its step spent in the frozen tokenizer's encode
+        part = "the frozen tokenizer"
+        share = timed(lambda: model.encode(x), steps, device) / seconds
+    else:
+        part = "the quantizer"
+        share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
+    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share, part
 
 
 def sync_check(one_step):
@@ -290,11 +296,11 @@ def main():
     if not args.quantizer_only:
         rates = []
         for argv in [train_argv] + ([matched_argv(train_argv)] if args.matched else []):
-            tcfg, mcfg, dtype, images_per_s, share = bench_training(argv, args.steps, device)
+            tcfg, mcfg, dtype, images_per_s, share, part = bench_training(argv, args.steps, device)
             print(f"train {tcfg.model} on {tcfg.dataset}-shaped batches ({mcfg.in_channels}x{mcfg.image_size}x"
                   f"{mcfg.image_size}), batch {tcfg.batch_size}, {str(dtype).replace('torch.', '')}"
                   f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s, "
-                  f"{share:.1%} of the step in the quantizer", flush=True)
+                  f"{share:.1%} of the step in {part}", flush=True)
             rates.append(images_per_s)
         if args.matched:
             print(f"vqvae2 takes {rates[1] / rates[0]:.2f}x the time per image of its matched vqvae")
