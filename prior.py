@@ -78,7 +78,10 @@ def load_tokenizer(path):
     if not isinstance(ckpt, dict) or not {"model", "model_config", "train_config"} <= set(ckpt):
         raise SystemExit(f"prior.py: {path} is not a checkpoint written by train.py")
     name = ckpt["train_config"]["model"]
-    module = importlib.import_module(name)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError:
+        raise SystemExit(f"prior.py: {path} holds a {name} model, and there is no {name}.py") from None
     if not hasattr(module.Model, "code_layout"):
         raise SystemExit(f"prior.py: {path} holds a {name} model, which has no code_layout(); a tokenizer is one of "
                          f"vqvae, vqvae2, pqvae, warmup_vqgan")
@@ -186,7 +189,8 @@ class Model(nn.Module):
         self.wpe = nn.Parameter(torch.randn(self.n, E) * 0.02)
         one_d = len(self.layout) == 1 and len(self.layout[0][0]) == 1  # pqvae's ordered steps
         on = one_d if cfg.position_linear is None else cfg.position_linear
-        self.position_linear = nn.Parameter(torch.eye(E).repeat(self.n, 1, 1)) if on else None  # (n, E, E)
+        # (n, E, E), each the identity at first (the paper gives no initialisation): the plain shared embedding
+        self.position_linear = nn.Parameter(torch.eye(E).repeat(self.n, 1, 1)) if on else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(E)

@@ -59,7 +59,7 @@ def small_prior(layout, **kw):
     return prior.Model(cfg).eval()
 
 
-# -- codes as one sequence ----------------------------------------------------------------------------------------------
+# -- codes as one sequence --------------------------------------------------------------------------------------------
 
 TOKENIZERS = {
     "vqvae": lambda: vqvae.Model(vqvae.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1,
@@ -118,7 +118,7 @@ def test_warmup_vqgan_and_adaptive_vq_refuse_a_layout_they_cannot_give():
         model.code_layout()
 
 
-# -- the transformer ----------------------------------------------------------------------------------------------------
+# -- the transformer --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("position_linear", [False, True])
 def test_the_logits_at_a_position_see_only_the_codes_before_it(position_linear):
@@ -176,7 +176,7 @@ def test_generation_keeps_the_prefix_and_draws_valid_codes():
     assert torch.equal(model.generate(prefix[:, :1], top_k=1, generator=g), greedy)
 
 
-# -- refusals -----------------------------------------------------------------------------------------------------------
+# -- refusals ---------------------------------------------------------------------------------------------------------
 
 def test_missing_foreign_and_unfit_tokenizers_are_refused_naming_the_file(tmp_path, tokenizer):
     with pytest.raises(SystemExit, match="no tokenizer checkpoint at .*missing.pt"):
@@ -187,6 +187,10 @@ def test_missing_foreign_and_unfit_tokenizers_are_refused_naming_the_file(tmp_pa
     torch.save({"weights": torch.zeros(3)}, foreign)
     with pytest.raises(SystemExit, match="foreign.pt is not a checkpoint written by train.py"):
         train.resolve_config(["--model", "prior", "--tokenizer", str(foreign)])
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"model": {}, "model_config": {}, "train_config": {"model": "nosuchmodel"}}, unknown)
+    with pytest.raises(SystemExit, match="unknown.pt holds a nosuchmodel model, and there is no nosuchmodel.py"):
+        train.resolve_config(["--model", "prior", "--tokenizer", str(unknown)])
     cfg = adaptive_vq.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1, vector_dim=8, capacity=64)
     adaptive = tmp_path / "adaptive.pt"
     torch.save({"model": adaptive_vq.Model(cfg).state_dict(), "model_config": dataclasses.asdict(cfg),
@@ -205,7 +209,7 @@ def test_the_dataset_image_size_and_out_dir_come_from_the_tokenizer(tokenizer):
     assert tcfg.lr == module.PRESETS["shapes"]["lr"]
 
 
-# -- training through train.py ------------------------------------------------------------------------------------------
+# -- training through train.py ----------------------------------------------------------------------------------------
 
 def test_a_prior_trains_through_train_py_and_keeps_its_tokenizer_frozen(tmp_path, tokenizer):
     out = str(tmp_path / "p")
@@ -221,6 +225,19 @@ def test_a_prior_trains_through_train_py_and_keeps_its_tokenizer_frozen(tmp_path
         assert torch.equal(saved[f"tokenizer.{name}"], value), f"the tokenizer's {name} changed"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_prior_trains_under_autocast_with_float32_codes(tmp_path, tokenizer, dtype):
+    stats = train.main(["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--max_iters", "4",
+                        "--log_interval", "2", "--dtype", dtype, "--out_dir", str(tmp_path / dtype)])
+    assert math.isfinite(stats["bits_per_code"]) and stats["bits_per_code"] < 4.2
+    model = prior.Model(prior.Config(tokenizer=tokenizer))
+    x = images(8)
+    with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+        codes = model.encode(x)
+        assert model.logits(codes).dtype == getattr(torch, dtype)
+    assert torch.equal(codes, evaluation.code_sequence(model.tokenizer.encode(x)))  # the float32 codes
+
+
 def test_a_resumed_prior_run_equals_a_straight_run(tmp_path, tokenizer):
     common = ["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--log_interval", "1",
               "--eval_interval", "1000"]
@@ -233,7 +250,8 @@ def test_a_resumed_prior_run_equals_a_straight_run(tmp_path, tokenizer):
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
     logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (straight, parts)]
-    assert [r["loss"] for r in logs[0] if r["split"] == "train"] == [r["loss"] for r in logs[1] if r["split"] == "train"]
+    losses = [[r["loss"] for r in log if r["split"] == "train"] for log in logs]
+    assert losses[0] == losses[1]
 
 
 def _ddp_prior_steps(rank, tokenizer_path):
@@ -259,7 +277,7 @@ def test_two_gloo_ranks_keep_the_prior_bitwise_equal(two_gloo_ranks, tokenizer):
         assert torch.equal(value, r1[name]), f"{name} differs between ranks"
 
 
-# -- eval.py and sample.py ----------------------------------------------------------------------------------------------
+# -- eval.py and sample.py --------------------------------------------------------------------------------------------
 
 def test_unigram_baseline_against_counts_by_hand():
     train_codes = torch.tensor([[0, 2], [0, 1], [1, 1]])
