@@ -102,12 +102,26 @@ def tokenizer_settings(path):
             "tokenizer_layout": layout, "image_size": mcfg["image_size"], "in_channels": mcfg["in_channels"]}, ckpt
 
 
+def tokenizer_weights(path, config):
+    """The weights in the train.py checkpoint at `path` if it holds a model of this exact config, else None: a file
+    since replaced or gone leaves a prior's own copy of the weights to load_state_dict."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, unreadable or foreign: not this tokenizer
+        return None
+    same = isinstance(ckpt, dict) and ckpt.get("model_config") == config and "model" in ckpt
+    return ckpt["model"] if same else None
+
+
 def inherited_settings(args):
     """train.py's hook, given the command line {key: raw value}: the tokenizer's dataset, data_dir and image shape
     (a prior models its tokenizer's codes of that data: another --dataset, --image_size or --in_channels is refused;
     --data_dir may point elsewhere), and out_dir out/prior_<the tokenizer's run folder>."""
     path = args.get("tokenizer")
     settings, ckpt = tokenizer_settings(path)
+    for key in ("tokenizer_model", "tokenizer_config", "tokenizer_layout"):
+        if key in args:
+            raise SystemExit(f"prior.py: --{key} comes from the tokenizer's checkpoint; it cannot be set")
     settings.update(dataset=ckpt["train_config"]["dataset"], data_dir=ckpt["train_config"]["data_dir"])
     for key in ("dataset", "image_size", "in_channels"):
         if args.get(key) is not None and str(args[key]) != str(settings[key]):
@@ -161,7 +175,7 @@ class Model(nn.Module):
 
     Model(cfg) builds the tokenizer from cfg.tokenizer_model and cfg.tokenizer_config and takes its weights from the
     file cfg.tokenizer when that holds the same config; a prior's checkpoint brings its own copy (load_state_dict),
-    so a tokenizer trained on after the prior, or moved, changes nothing. Built with only cfg.tokenizer set, it
+    so a tokenizer file trained on, replaced or moved since changes nothing. Built with only cfg.tokenizer set, it
     reads the rest from that checkpoint."""
 
     def __init__(self, cfg):
@@ -171,10 +185,9 @@ class Model(nn.Module):
         self.cfg = cfg
         module = importlib.import_module(cfg.tokenizer_model)
         self.tokenizer = module.Model(module.Config(**cfg.tokenizer_config))
-        if os.path.isfile(cfg.tokenizer):
-            ckpt = evaluation.read_checkpoint(cfg.tokenizer)
-            if ckpt.get("model_config") == cfg.tokenizer_config:
-                self.tokenizer.load_state_dict(ckpt["model"])
+        weights = tokenizer_weights(cfg.tokenizer, cfg.tokenizer_config)
+        if weights is not None:
+            self.tokenizer.load_state_dict(weights)
         self.tokenizer.requires_grad_(False).eval()
         self.layout = cfg.tokenizer_layout  # [(one image's code shape, K), ...]
 

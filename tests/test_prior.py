@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import adaptive_vq
+import data
 import eval as evaluation
 import pqvae
 import prior
@@ -103,7 +104,6 @@ def test_every_tokenizers_codes_become_one_sequence_and_back_exactly(name):
     back = evaluation.sequence_to_codes(seq, layout)
     for a, b in zip(back if isinstance(back, tuple) else (back,), levels):
         assert torch.equal(a, b)
-    assert torch.equal(model.decode(back), model.decode(codes))
     with pytest.raises(ValueError, match="holds"):
         evaluation.sequence_to_codes(seq[:, 1:], layout)
 
@@ -214,11 +214,12 @@ def test_the_dataset_image_size_and_out_dir_come_from_the_tokenizer(tokenizer):
 def test_a_prior_trains_through_train_py_and_keeps_its_tokenizer_frozen(tmp_path, tokenizer):
     out = str(tmp_path / "p")
     train.main(["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--max_iters", "30", "--log_interval",
-                "10", "--eval_interval", "30", "--out_dir", out])
+                "10", "--eval_interval", "30", "--warmup_iters", "0", "--lr", "3e-3", "--out_dir", out])
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     bits = [r["bits_per_code"] for r in log if r["split"] == "train"]
     assert bits[-1] < bits[0] < 4.01, bits  # log2 16 = 4 bits at the start, then the prior learns
-    assert [r for r in log if r["split"] == "val"][0]["bits_per_code"] < 4
+    # an untrained prior pays about 4 bits a code; this one measured 3.63 at one and at two threads
+    assert [r for r in log if r["split"] == "val"][0]["bits_per_code"] < 3.85
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
     original = torch.load(tokenizer, weights_only=True)["model"]
     for name, value in original.items():
@@ -271,6 +272,7 @@ def _ddp_prior_steps(rank, tokenizer_path):
 
 def test_two_gloo_ranks_keep_the_prior_bitwise_equal(two_gloo_ranks, tokenizer):
     r0, r1 = two_gloo_ranks(_ddp_prior_steps, tokenizer)
+    torch.manual_seed(0)  # as each rank starts
     start = prior.Model(prior.Config(tokenizer=tokenizer, n_layer=1, n_head=2, n_embd=16)).state_dict()
     assert not torch.equal(r0["head.weight"], start["head.weight"]), "the prior did not move"
     for name, value in r0.items():
@@ -288,7 +290,7 @@ def test_unigram_baseline_against_counts_by_hand():
     assert bits.tolist() == pytest.approx(expected)
 
 
-def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer):
+def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys):
     out = str(tmp_path / "p")
     train.main(["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--max_iters", "20", "--out_dir", out])
     ckpt = os.path.join(out, "ckpt.pt")
@@ -297,7 +299,13 @@ def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer):
     assert metrics["images"] == 32 and "psnr" not in metrics
     assert metrics["bits_per_image"] == pytest.approx(16 * metrics["bits_per_code"])
     assert metrics["baseline/uniform_bits_per_code"] == pytest.approx(4.0)  # log2 K, K = 16
-    assert 0 < metrics["baseline/unigram_bits_per_code"] <= 4.0 + 0.1
+    model, _ = evaluation.load_model(ckpt)
+    first = {split: torch.stack([data.get_dataset("shapes", split, image_size=16)[i] for i in range(32)])
+             for split in ("train", "test")}  # the 2 batches of 16 that --max_batches 2 reads of each split
+    train_codes, test_codes = model.encode(first["train"]), model.encode(first["test"])
+    expected = float(evaluation.unigram_bits(train_codes, test_codes, [16] * 16).mean())
+    assert metrics["baseline/unigram_bits_per_image"] == pytest.approx(expected)
+    assert abs(float(evaluation.unigram_bits(test_codes, test_codes, [16] * 16).mean()) - expected) > 0.1
     assert json.load(open(tmp_path / "m.json"))["bits_per_code"] == metrics["bits_per_code"]
 
     codes = sample.main(["--ckpt", ckpt, "--num", "10", "--seed", "3", "--out", str(tmp_path / "s.png")])
@@ -314,5 +322,26 @@ def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer):
     assert Image.open(tmp_path / "c.png").size == (3 * 16, 5 * 16)  # images, reconstructions, 3 prefix rows
     with pytest.raises(SystemExit):
         sample.main(["--ckpt", ckpt, "--prefix", "17"])
+    assert "--prefix lengths must lie in 0..16" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a prior"):
         sample.main(["--ckpt", tokenizer])
+
+
+def test_a_prior_checkpoint_needs_no_tokenizer_file(tmp_path, tokenizer):
+    copy = tmp_path / "tok" / "ckpt.pt"
+    copy.parent.mkdir()
+    copy.write_bytes(open(tokenizer, "rb").read())
+    out = str(tmp_path / "p")
+    train.main(["--model", "prior", "--tokenizer", str(copy), *TINY_PRIOR, "--max_iters", "2", "--out_dir", out])
+    model, _ = evaluation.load_model(os.path.join(out, "ckpt.pt"))
+    x = images(4)
+    before = model.decode(model.encode(x))
+    for replacement in (b"not a checkpoint", None):  # the file overwritten, then gone
+        if replacement is None:
+            copy.unlink()
+        else:
+            copy.write_bytes(replacement)
+        model, _ = evaluation.load_model(os.path.join(out, "ckpt.pt"))
+        assert torch.equal(model.decode(model.encode(x)), before)
+    with pytest.raises(SystemExit, match="--tokenizer_layout comes from the tokenizer's checkpoint"):
+        train.resolve_config(["--model", "prior", "--tokenizer", tokenizer, "--tokenizer_layout", "4"])
