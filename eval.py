@@ -350,13 +350,21 @@ def format_table(metrics):
 
 
 def read_checkpoint(path):
-    """A checkpoint written by train.py, loaded on the CPU (weights only), or a clear exit naming the file."""
+    """A checkpoint written by train.py, loaded on the CPU (weights only), or a clear exit naming the file (or the
+    non-finite tensors among its weights)."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which file, not a pickle traceback
         raise SystemExit(f"cannot read checkpoint {path}: {err}") from err
+    weights = ckpt.get("model", {}) if isinstance(ckpt, dict) else {}
+    bad = [name for name, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()
+           and not bool(torch.isfinite(t).all())]
+    if bad:  # a run saved after its weights diverged: nothing to resume or evaluate
+        raise SystemExit(f"{path} holds non-finite values in {', '.join(bad[:5])}"
+                         + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
+    return ckpt
 
 
 def load_model(path, device="cpu"):
@@ -387,7 +395,12 @@ def main(argv=None):
                    help="classification from codes, fitted on the train split: auto = when the dataset has labels")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    import train  # here, not at the top: train.py imports this file
+    device = train.checked_device(args.device, "eval.py")
+    for option in ("json", "grid", "strip"):  # before the work: a path that cannot be written is refused now
+        folder = os.path.dirname(os.path.abspath(getattr(args, option) or args.ckpt))
+        if getattr(args, option) and not os.path.isdir(folder):
+            raise SystemExit(f"eval.py: --{option}: the folder {folder} does not exist")
     model, ckpt = load_model(args.ckpt, device)
     tcfg, mcfg = ckpt["train_config"], ckpt["model_config"]
     data_dir = args.data_dir or tcfg["data_dir"] or None

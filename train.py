@@ -41,9 +41,11 @@ and, when the Model has them, these hooks:
 Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
 written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind, and before any
 validation. A resumed run continues with the same data order and equals an uninterrupted one; a new run will not
-replace an existing checkpoint without --overwrite. A non-finite loss or gradient stops the run with a message and
-leaves the last good checkpoint untouched. SIGINT or SIGTERM finish the current step, save and exit (a second Ctrl-C
-quits at once).
+replace an existing checkpoint without --overwrite; a resume keeps the run's model and dataset, refuses a checkpoint
+whose weights are not finite, and drops the log entries past the checkpoint's step. A non-finite loss or gradient
+stops the run with a message and leaves the last good checkpoint untouched; so does a failed write (a full disk).
+SIGINT or SIGTERM finish the current step, save and exit with status 128 + the signal's number (130 or 143: a
+scheduler sees a preempted job); a second Ctrl-C quits at once.
 """
 
 import contextlib
@@ -56,6 +58,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import typing
 import warnings
@@ -195,8 +198,10 @@ def resolve_config(argv):
     ckpt = None
     if tcfg.resume:
         ckpt = evaluation.read_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
-        if early.get("model", ckpt["train_config"]["model"]) != ckpt["train_config"]["model"]:
-            raise SystemExit(f"train.py: --resume: the checkpoint is a {ckpt['train_config']['model']} model")
+        for key in ("model", "dataset"):  # a run continues on its own data with its own model
+            if early.get(key, ckpt["train_config"][key]) != ckpt["train_config"][key]:
+                raise SystemExit(f"train.py: --resume: --{key} {early[key]} differs from the checkpoint's "
+                                 f"{ckpt['train_config'][key]}")
         tcfg = TrainConfig(**{**ckpt["train_config"], **early})
     module = import_model(tcfg.model)
     model_types = field_types(module.Config)
@@ -275,13 +280,21 @@ def lr_at(step, tcfg):
 
 def save_checkpoint(state, path):
     """Write to a temporary file, flush it to disk, then rename over `path`: a crash at any point leaves either the
-    old checkpoint or the new one, never a partial file."""
+    old checkpoint or the new one, never a partial file. A write that fails (a full disk) removes the temporary file
+    and exits with a message saying what is kept."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = f"the previous checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint is saved"
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror else str(err)).strip().splitlines()[0]
+        raise SystemExit(f"train.py: cannot write {path} ({reason}); {kept}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -295,6 +308,21 @@ def device_name(tcfg):
     return tcfg.device
 
 
+def checked_device(name, program):
+    """torch.device(name), or an exit in one line when there is no such device here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"{program}: --device {name} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{program}: --device {name}: no CUDA GPU here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise SystemExit(f"{program}: --device {name}: there {'is' if count == 1 else 'are'} {count} CUDA "
+                         f"GPU{'' if count == 1 else 's'} here, numbered from 0")
+    return device
+
+
 def setup_device(tcfg):
     """Returns (device, rank, world_size). Starts a process group when launched by torchrun."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -302,7 +330,7 @@ def setup_device(tcfg):
     name = device_name(tcfg)
     if ddp and name == "cuda":
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    device = torch.device(name)
+    device = checked_device(name, "train.py")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:
@@ -391,16 +419,22 @@ def batches(loader, sampler, batch_size, start):
 
 
 class StopRequest:
-    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits. A second SIGINT quits at once."""
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits with status 128 + the signal's number
+    (130, 143), as a shell reports a job the signal ended: a scheduler sees a preempted job, not a finished one. A
+    second SIGINT quits at once."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
         self.previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
 
+    @property
+    def requested(self):
+        return self.signum is not None
+
     def handle(self, signum, frame):
-        self.requested = True
+        self.signum = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def restore(self):
@@ -418,6 +452,12 @@ def main(argv=None):
     if ckpt is None and os.path.exists(ckpt_path) and not tcfg.overwrite:
         raise SystemExit(f"train.py: {ckpt_path} exists: pass --resume to continue that run, --overwrite to replace "
                          f"it, or another --out_dir")
+    if master:  # before any work: a run that cannot save is refused now, not at its first checkpoint
+        try:
+            os.makedirs(tcfg.out_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=tcfg.out_dir).close()
+        except OSError as err:
+            raise SystemExit(f"train.py: cannot write to --out_dir {tcfg.out_dir} ({err.strerror})") from None
     if master and ckpt and tcfg.lr_schedule == "cosine" and tcfg.max_iters != ckpt["train_config"]["max_iters"]:
         before = lr_at(ckpt["step"], TrainConfig(**ckpt["train_config"]))
         print(f"note: the cosine schedule now spans {tcfg.max_iters} steps instead of "
@@ -475,13 +515,15 @@ def main(argv=None):
 
     config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
     if master:
-        os.makedirs(tcfg.out_dir, exist_ok=True)
         frozen = sum(p.numel() for p in raw_model.parameters() if not p.requires_grad)
         print(f"{tcfg.model} on {tcfg.dataset}: {sum(p.numel() for p in raw_model.parameters()) - frozen:,} "
               f"parameters" + (f" (and {frozen:,} frozen)" if frozen else "") + ", "
               f"{device}, {world} rank(s), {str(dtype).replace('torch.', '')}, from step {step}")
         print(json.dumps(config, indent=1))
-    log_file = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
+    log_path = os.path.join(tcfg.out_dir, "log.jsonl")
+    if master and ckpt is not None:
+        trim_log(log_path, step)
+    log_file = open(log_path, "a" if ckpt else "w") if master else None
 
     def log(record):
         if master:
@@ -515,7 +557,7 @@ def main(argv=None):
         tqdm.write(f"step {step}: val psnr {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f})"
                    f"  {ppl}")
 
-    stop = StopRequest()
+    stop, stopped = StopRequest(), False
     bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient: checked, not synced
     bar = tqdm(total=tcfg.max_iters, initial=step, disable=not master, dynamic_ncols=True)
     last_stats, t0 = {}, time.time()
@@ -576,6 +618,7 @@ def main(argv=None):
             if stop_now:
                 if master:
                     tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
+                stopped = True
                 break
     except NonFiniteLoss as err:
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
@@ -593,7 +636,25 @@ def main(argv=None):
             log_file.close()
         if world > 1:
             dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(128 + (stop.signum or signal.SIGTERM))  # a rank that got no signal stopped with the others
     return last_stats
+
+
+def trim_log(path, step):
+    """Keep the entries of log.jsonl up to `step`, the resumed checkpoint's: a run killed after its last checkpoint
+    logged steps that the resumed run does again (and a line cut short by the kill)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def agree(stop, bad, world):

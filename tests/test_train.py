@@ -178,7 +178,7 @@ def test_sigterm_saves_and_resume_continues_from_the_saved_step(tmp_path):
     wait_for_steps(out, 5, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == 128 + signal.SIGTERM, output  # saved, and preempted: not done
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     step = saved["step"]
     assert step == read_log(out)[-1]["step"] >= 5 and "stopped by signal" in output
@@ -380,3 +380,100 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [r["step"] for r in read_log(out)] == [4, 8, 12]  # one writer: rank 0
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 12
+
+
+# -- faults and bad input: one clear line, nothing lost ---------------------------------------------------------------
+
+@pytest.mark.parametrize("device, gpus, message", [
+    ("cuda", 0, "--device cuda: no CUDA GPU here"),
+    ("cuda:1", 1, "--device cuda:1: there is 1 CUDA GPU"),
+    ("tpu9", 0, "--device tpu9 is not a device"),
+])
+def test_an_unusable_device_is_refused_in_one_line(monkeypatch, device, gpus, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(SystemExit, match=message):
+        train.checked_device(device, "train.py")
+    with pytest.raises(SystemExit, match=message):
+        train.main([*TINY, "--device", device, "--out_dir", "unused", "--max_iters", "1"])
+    import eval as evaluation
+    with pytest.raises(SystemExit, match=message.replace("train.py", "eval.py")):
+        evaluation.main(["--ckpt", "unused.pt", "--device", device])
+
+
+def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkeypatch):
+    import eval as evaluation
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "1"])
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("evaluated before the output paths were checked")
+    monkeypatch.setattr(evaluation, "evaluate", no_work)
+    with pytest.raises(SystemExit, match="--grid: the folder .*missing/dir does not exist"):
+        evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--grid", str(tmp_path / "missing/dir/g.png")])
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    for error in (OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file")):
+        def full_disk(obj, f):  # writes part of the checkpoint, then the disk is full
+            f.write(b"\x80\x02partial")
+            raise error
+        monkeypatch.setattr(torch, "save", full_disk)
+        with pytest.raises(SystemExit, match=r"cannot write .*ckpt.pt.*the previous checkpoint .*ckpt.pt is kept"):
+            train.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+        monkeypatch.undo()
+        assert not os.path.exists(path + ".tmp")
+        assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output folder was checked")
+    monkeypatch.setattr(train, "make_loaders", no_work)
+    with pytest.raises(SystemExit, match="cannot write to --out_dir .*file/run"):
+        train.main([*TINY, "--out_dir", str(blocker / "run"), "--max_iters", "1"])
+
+
+def test_resume_refuses_another_dataset(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "2"])
+    with pytest.raises(SystemExit, match="--resume: --dataset mnist differs from the checkpoint's shapes"):
+        train.main(["--out_dir", out, "--resume", "--dataset", "mnist"])
+
+
+def test_non_finite_weights_in_a_checkpoint_are_refused_naming_the_tensors(tmp_path):
+    import eval as evaluation
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "2"])
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["post_quant.weight"][0] = math.nan
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit, match=r"ckpt.pt holds non-finite values in post_quant.weight"):
+        train.main(["--out_dir", out, "--resume", "--max_iters", "4"])
+    with pytest.raises(SystemExit, match=r"ckpt.pt holds non-finite values in"):
+        evaluation.main(["--ckpt", path, "--max_batches", "1"])
+
+
+def test_after_a_resume_the_log_holds_each_step_once_in_order(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "4", "--log_interval", "1"])
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # steps a killed run logged after its last checkpoint
+        for step in (5, 6):
+            f.write(json.dumps({"step": step, "split": "train", "loss": 1.0}) + "\n")
+    train.main(["--out_dir", out, "--resume", "--max_iters", "7"])
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(r["loss"] != 1.0 for r in read_log(out))
+
+
+@pytest.mark.parametrize("model, setting", [("vqvae", "codebook_size"), ("vqvae", "code_dim"), ("vqvae2", "hidden"),
+                                            ("pqvae", "steps"), ("adaptive_vq", "heads"),
+                                            ("warmup_vqgan", "codebook_size")])
+def test_a_zero_size_is_refused_in_one_line(tmp_path, model, setting):
+    with pytest.raises(SystemExit, match=f"train.py: {model}: these sizes must be at least 1: {setting} 0"):
+        train.main(["--model", model, f"--{setting}", "0", "--out_dir", str(tmp_path), "--max_iters", "1"])
