@@ -427,6 +427,11 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        sizes = ("image_size", "in_channels", "hidden", "res_hidden", "vector_dim", "capacity", "heads",
+                 "dead_code_window")
+        small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
+        if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
+            raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
         if cfg.downsample < 2 or cfg.downsample & (cfg.downsample - 1):
             raise ValueError(f"downsample must be a power of 2 and at least 2, got {cfg.downsample}")
         if cfg.image_size % cfg.downsample:

@@ -477,6 +477,11 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        sizes = ("image_size", "in_channels", "hidden", "feature_dim", "submap", "steps", "spatial_dim", "channel_dim",
+                 "codebook_size", "dead_code_window")
+        small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
+        if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
+            raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
         ds = cfg.downsample
         if ds < 1 or ds & (ds - 1):
             raise ValueError(f"downsample must be a power of 2, got {ds}")

@@ -137,8 +137,8 @@ def inherited_settings(args):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        if cfg.n_head < 1 or cfg.n_embd < 1 or cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd {cfg.n_embd} must be a positive multiple of n_head {cfg.n_head}")
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)

@@ -503,6 +503,11 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        sizes = ("image_size", "in_channels", "channels", "z_channels", "codebook_size", "code_dim", "bank_size",
+                 "respawn_every")
+        small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
+        if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
+            raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
         down = 2 ** (len(cfg.ch_mult) - 1)
         if not cfg.ch_mult or cfg.image_size % down:
             raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^(levels-1) = {down} "
