@@ -48,6 +48,7 @@ SIGINT or SIGTERM finish the current step, save and exit with status 128 + the s
 scheduler sees a preempted job); a second Ctrl-C quits at once.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import difflib
@@ -57,6 +58,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -102,6 +104,7 @@ class TrainConfig:
     dtype: str = "auto"  # "auto" (bfloat16 on a GPU that has it, else float32) | "float32" | "bfloat16" | "float16"
     compile: bool = False  # torch.compile the model
     num_workers: int = 0  # DataLoader workers per rank
+    threads: int = 0  # CPU threads; 0: OMP_NUM_THREADS when set, else the usable cores less one (see cpu_threads)
     seed: int = 0
     # logging, validation, checkpoints
     log_interval: int = 50  # steps between log lines (and the non-finite-loss check)
@@ -255,6 +258,7 @@ def check(tcfg):
         (0 < tcfg.lr < math.inf, "--lr must be positive and finite"),
         (tcfg.warmup_iters >= 0 and tcfg.lr_decay_iters >= 1, "--warmup_iters >= 0 and --lr_decay_iters >= 1"),
         (tcfg.data_dir or not tcfg.download, "--download needs --data_dir, the folder to download into"),
+        (tcfg.threads >= 0, "--threads must be at least 0 (0: the default)"),
     ]
     for ok, message in rules:
         if not ok:
@@ -338,6 +342,18 @@ def setup_device(tcfg):
     return device, rank, world
 
 
+def cpu_threads(tcfg):
+    """--threads, else OMP_NUM_THREADS's number, else every usable core but one. A step waits for its slowest thread:
+    with a thread on every core, one other busy process slows every step several times over, while a core left free
+    absorbs it (the README has the figures)."""
+    if tcfg.threads:
+        return tcfg.threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
 def amp_dtype(tcfg, device):
     if tcfg.dtype == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -418,6 +434,59 @@ def batches(loader, sampler, batch_size, start):
 # Training
 
 
+class RunLock:
+    """<out_dir>/lock names the host and pid of the run using the folder: a second run into it is refused, naming that
+    pid, and a lock whose process is gone (a killed run) is taken over. Released when the run ends, or at exit."""
+
+    def __init__(self, folder):
+        self.path, self.me = os.path.join(folder, "lock"), f"{socket.gethostname()} {os.getpid()}"
+        tmp = f"{self.path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.me)
+        try:
+            while True:
+                try:
+                    os.link(tmp, self.path)  # creates the lock, with its content, only where there is none
+                    break
+                except FileExistsError:
+                    holder = self.holder()
+                    if holder is not None:
+                        raise SystemExit(f"train.py: {folder} is in use by the run of pid {holder[1]} on {holder[0]}; "
+                                         f"wait for it, or pass another --out_dir (if no such run exists, delete "
+                                         f"{self.path})") from None
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)  # stale: its run was killed
+        finally:
+            os.remove(tmp)
+        atexit.register(self.release)
+
+    def holder(self):
+        """(host, pid) of another live run holding the lock, or None when the lock is stale or this process's."""
+        try:
+            with open(self.path) as f:
+                host, pid = f.read().split()
+        except (OSError, ValueError):
+            return None
+        if f"{host} {pid}" == self.me:
+            return None
+        if host != socket.gethostname():
+            return host, pid  # another machine's run: its liveness cannot be checked from here
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+        return host, pid
+
+    def release(self):
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.path) as f:
+                mine = f.read() == self.me
+            if mine:
+                os.remove(self.path)
+
+
 class StopRequest:
     """SIGINT / SIGTERM set a flag; the loop finishes its step, saves and exits with status 128 + the signal's number
     (130, 143), as a shell reports a job the signal ended: a scheduler sees a preempted job, not a finished one. A
@@ -446,18 +515,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tcfg, mcfg, module, ckpt = resolve_config(argv)
     device, rank, world = setup_device(tcfg)
+    torch.set_num_threads(cpu_threads(tcfg))
     master = rank == 0
     ckpt_path = os.path.join(tcfg.out_dir, "ckpt.pt")
 
     if ckpt is None and os.path.exists(ckpt_path) and not tcfg.overwrite:
         raise SystemExit(f"train.py: {ckpt_path} exists: pass --resume to continue that run, --overwrite to replace "
                          f"it, or another --out_dir")
+    lock = None
     if master:  # before any work: a run that cannot save is refused now, not at its first checkpoint
         try:
             os.makedirs(tcfg.out_dir, exist_ok=True)
             tempfile.TemporaryFile(dir=tcfg.out_dir).close()
         except OSError as err:
             raise SystemExit(f"train.py: cannot write to --out_dir {tcfg.out_dir} ({err.strerror})") from None
+        lock = RunLock(tcfg.out_dir)
     if master and ckpt and tcfg.lr_schedule == "cosine" and tcfg.max_iters != ckpt["train_config"]["max_iters"]:
         before = lr_at(ckpt["step"], TrainConfig(**ckpt["train_config"]))
         print(f"note: the cosine schedule now spans {tcfg.max_iters} steps instead of "
@@ -634,6 +706,8 @@ def main(argv=None):
         stop.restore()
         if log_file:
             log_file.close()
+        if lock:
+            lock.release()
         if world > 1:
             dist.destroy_process_group()
     if stopped:
@@ -680,4 +754,9 @@ def step_optimizer(opt, scaler, params, grad_clip):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as stop:
+        if isinstance(stop.code, str) and int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(1)  # a refusal every rank reaches alike: rank 0 says it, once
+        raise
