@@ -70,3 +70,23 @@ def two_gloo_ranks(tmp_path):
         mp.spawn(_gloo_rank, args=(work, str(tmp_path / "init"), str(tmp_path), args), nprocs=2, join=True)
         return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     return run
+
+
+@pytest.fixture
+def assert_resume_equals_straight(tmp_path):
+    """assert_resume_equals_straight(argv): train.py with argv for 6 steps straight, and for 3 steps then --resume to
+    6; the two end with bitwise-equal weights and log the same training losses."""
+    def run(argv):
+        import json
+        import train
+        straight, parts = str(tmp_path / "straight"), str(tmp_path / "parts")
+        train.main([*argv, "--out_dir", straight, "--max_iters", "6"])
+        train.main([*argv, "--out_dir", parts, "--max_iters", "3"])
+        train.main(["--out_dir", parts, "--resume", "--max_iters", "6"])
+        a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (straight, parts))
+        for name, value in a["model"].items():
+            assert torch.equal(value, b["model"][name]), name
+        losses = [[r["loss"] for r in map(json.loads, open(os.path.join(d, "log.jsonl"))) if r["split"] == "train"]
+                  for d in (straight, parts)]
+        assert losses[0] == losses[1]
+    return run

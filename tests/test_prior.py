@@ -239,20 +239,9 @@ def test_a_prior_trains_under_autocast_with_float32_codes(tmp_path, tokenizer, d
     assert torch.equal(codes, evaluation.code_sequence(model.tokenizer.encode(x)))  # the float32 codes
 
 
-def test_a_resumed_prior_run_equals_a_straight_run(tmp_path, tokenizer):
-    common = ["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--log_interval", "1",
-              "--eval_interval", "1000"]
-    straight, parts = str(tmp_path / "straight"), str(tmp_path / "parts")
-    train.main([*common, "--out_dir", straight, "--max_iters", "6"])
-    train.main([*common, "--out_dir", parts, "--max_iters", "3"])
-    train.main(["--out_dir", parts, "--resume", "--max_iters", "6"])
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(parts, "ckpt.pt"), weights_only=True)
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
-    logs = [[json.loads(line) for line in open(os.path.join(d, "log.jsonl"))] for d in (straight, parts)]
-    losses = [[r["loss"] for r in log if r["split"] == "train"] for log in logs]
-    assert losses[0] == losses[1]
+def test_a_resumed_prior_run_equals_a_straight_run(tokenizer, assert_resume_equals_straight):
+    assert_resume_equals_straight(["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--log_interval", "1",
+                                   "--eval_interval", "1000"])
 
 
 def _ddp_prior_steps(rank, tokenizer_path):

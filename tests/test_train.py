@@ -195,18 +195,10 @@ def test_sigterm_saves_and_resume_continues_from_the_saved_step(tmp_path):
     assert final["step"] == step + 3
 
 
-def test_a_resumed_run_equals_a_straight_run(tmp_path):
+def test_a_resumed_run_equals_a_straight_run(assert_resume_equals_straight):
     # batch 8 of 20,000 shapes: mid-epoch, so the resumed run must continue the epoch's order, not restart it
-    common = [*TINY, "--log_interval", "1", "--init", "data", "--dead_code_window", "2", "--grad_accum", "2"]
-    straight, parts = str(tmp_path / "straight"), str(tmp_path / "parts")
-    train.main([*common, "--out_dir", straight, "--max_iters", "6"])
-    train.main([*common, "--out_dir", parts, "--max_iters", "3"])
-    train.main(["--out_dir", parts, "--resume", "--max_iters", "6"])
-    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
-    b = torch.load(os.path.join(parts, "ckpt.pt"), weights_only=True)
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
-    assert [r["loss"] for r in read_log(straight)] == [r["loss"] for r in read_log(parts)]
+    assert_resume_equals_straight([*TINY, "--log_interval", "1", "--init", "data", "--dead_code_window", "2",
+                                   "--grad_accum", "2"])
 
 
 def test_validating_does_not_change_the_training_run(tmp_path):
