@@ -1,8 +1,9 @@
 """
 Image datasets for training vector-quantized autoencoders.
 
-get_dataset(name, split, data_dir, image_size) returns a torch Dataset whose items
-are float32 tensors of shape (C, H, W) scaled to [-1, 1], without labels.
+get_dataset(name, split, data_dir, image_size, channels) returns a torch Dataset whose items
+are float32 tensors of shape (C, H, W) scaled to [-1, 1], without labels; C = channels, 1
+(grayscale) or 3 (RGB), by default the dataset's own (DATASETS).
 get_labels(name, split, data_dir) returns their class labels, in the same order, for
 the labelled datasets (mnist, fashion_mnist, cifar10), and None for the others.
 
@@ -12,6 +13,10 @@ the labelled datasets (mnist, fashion_mnist, cifar10), and None for the others.
 - celeba: aligned-and-cropped JPEGs plus the official partition file
 - lsun_church, imagenet, folder: plain folders of image files
 
+Image files are decoded whole when read, so a truncated or corrupt one fails there; with
+skip_unreadable, such a file is named on stderr and its item is None, which collate_readable
+leaves out of the batch. A palette, RGBA, CMYK, 16-bit or colour-to-grayscale conversion is
+said once per kind on stderr.
 download(name, data_dir) fetches MNIST, Fashion-MNIST and CIFAR-10; the others must
 be obtained by hand. Every bad or missing input raises DataError, whose message names
 the file or folder and what was expected.
@@ -21,6 +26,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import sys
 import tarfile
 import urllib.request
 import zlib
@@ -50,16 +56,19 @@ class DataError(RuntimeError):
     """A dataset file or folder is missing or malformed."""
 
 
-def to_tensor(image):
-    """uint8 HW / HWC array or PIL image -> float32 (C, H, W) tensor in [-1, 1]."""
+def to_tensor(image, mode="RGB"):
+    """PIL image -> float32 (C, H, W) tensor in [-1, 1], converted to `mode` ("L" or "RGB") first."""
+    image = image.convert(mode) if image.mode != mode else image
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32)) / 127.5 - 1.0
 
 
-def get_dataset(name, split, data_dir=None, image_size=None):
-    """The `split` ("train", "val" or "test") of dataset `name`, see DATASETS."""
+def get_dataset(name, split, data_dir=None, image_size=None, channels=None, skip_unreadable=False):
+    """The `split` ("train", "val" or "test") of dataset `name`, see DATASETS, as `channels`-channel images (1 or 3;
+    default: the dataset's). With skip_unreadable, an image file that cannot be decoded gives None (see
+    collate_readable) instead of raising DataError."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
     if split not in SPLITS:
@@ -67,6 +76,15 @@ def get_dataset(name, split, data_dir=None, image_size=None):
     size = DATASETS[name][1] if image_size is None else image_size
     if not isinstance(size, int) or size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+    mode = {1: "L", 3: "RGB"}.get(DATASETS[name][0] if channels is None else channels)
+    if mode is None:
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    dataset = open_dataset(name, split, data_dir, size)
+    dataset.mode, dataset.skip_unreadable = mode, skip_unreadable
+    return dataset
+
+
+def open_dataset(name, split, data_dir, size):
     if name == "shapes":
         return Shapes(split, size)
     if data_dir is None:
@@ -99,6 +117,12 @@ def get_labels(name, split, data_dir=None):
             return read_idx(path, 2049, 1).astype(np.int64)
     return None
 
+def collate_readable(items):
+    """A DataLoader's collate_fn for datasets made with skip_unreadable: stacks the items that are not None (the
+    unreadable images), so a batch may come out smaller than asked; an empty (0,) tensor when none could be read."""
+    kept = [item for item in items if item is not None]
+    return torch.utils.data.default_collate(kept) if kept else torch.empty(0)
+
 # -----------------------------------------------------------------------------
 # shapes: the embedded default, small enough for a conv autoencoder to learn on a CPU
 
@@ -110,7 +134,7 @@ class Shapes(Dataset):
     SEED_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 
     def __init__(self, split, image_size):
-        self.split, self.image_size = split, image_size
+        self.split, self.image_size, self.mode = split, image_size, "RGB"
 
     def __len__(self):
         return self.LENGTHS[self.split]
@@ -118,7 +142,7 @@ class Shapes(Dataset):
     def __getitem__(self, index):
         index = range(len(self))[index]  # IndexError past the end, which ends iteration
         rng = np.random.default_rng(self.SEED_OFFSETS[self.split] + index)
-        return to_tensor(render_shapes(rng, self.image_size))
+        return to_tensor(render_shapes(rng, self.image_size), self.mode)
 
 
 def render_shapes(rng, size, supersample=2):
@@ -159,17 +183,16 @@ class ArrayImages(Dataset):
     """Images held as a uint8 array (N, H, W) or (N, H, W, C), resized and converted one at a time."""
 
     def __init__(self, images, image_size):
-        self.images, self.image_size = images, image_size
+        self.images, self.image_size, self.mode = images, image_size, "L" if images.ndim == 3 else "RGB"
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = self.images[index]
-        if image.shape[:2] != (self.image_size, self.image_size):
-            size = (self.image_size, self.image_size)
-            image = Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)
-        return to_tensor(image)
+        image = Image.fromarray(self.images[index])
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        return to_tensor(image, self.mode)
 
 
 def mnist(name, root, split, size):
@@ -264,26 +287,63 @@ def read_cifar_batch(path, key="data"):
 # datasets of image files, decoded one at a time
 
 class ImageFiles(Dataset):
-    """Image files, decoded to RGB and passed through transform(image, image_size)."""
+    """Image files, decoded to `mode` ("RGB" or "L") and passed through transform(image, image_size). `note`, when
+    set, says something the user should know about where the images come from."""
 
-    def __init__(self, paths, image_size, transform):
-        self.paths, self.image_size, self.transform = paths, image_size, transform
+    def __init__(self, paths, image_size, transform, note=None):
+        self.paths, self.image_size, self.transform, self.note = paths, image_size, transform, note
+        self.mode, self.skip_unreadable = "RGB", False
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return to_tensor(self.transform(load_image(self.paths[index]), self.image_size))
+        try:
+            image = load_image(self.paths[index], self.mode)
+        except DataError as err:
+            if not self.skip_unreadable:
+                raise
+            print(f"warning: skipped {err}", file=sys.stderr, flush=True)
+            return None
+        return to_tensor(self.transform(image, self.image_size), self.mode)
 
 
-def load_image(path):
-    """Decode the whole file now, so that a truncated or corrupt image fails here."""
+CONVERSIONS = {  # PIL modes that lose something on the way to L or RGB: what is done, said once per kind
+    "P": "its palette's colours are used",
+    "PA": "its palette's colours are used, the alpha channel dropped",
+    "RGBA": "the alpha channel is dropped (not composited)",
+    "LA": "the alpha channel is dropped",
+    "CMYK": "PIL's formula converts it, without a colour profile",
+    "I;16": "its 16-bit values are scaled to 8 bits",
+    "I": "its 32-bit integer values are read as 16-bit and scaled to 8 bits",
+}
+said = set()  # the kinds of conversion already said in this process
+
+
+def load_image(path, mode="RGB"):
+    """Decode the whole file now, so that a truncated or corrupt image fails here; returns a PIL image in `mode`."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            found = "I;16" if image.mode.startswith("I;16") else image.mode
+            notes = [CONVERSIONS[found]] if found in CONVERSIONS else []
+            if found in ("I;16", "I"):  # convert() would clip each value to 255, not scale it
+                image = Image.fromarray(np.round(np.asarray(image, np.float64).clip(0, 65535) / 257).astype(np.uint8))
+            if mode == "L" and image.mode not in ("L", "1"):
+                notes.append("its colours are made gray (ITU-R 601 luma)")
+            if notes and (found, mode) not in said:
+                said.add((found, mode))
+                print(f"note: {path} is a {found} image, read as {mode}: {'; '.join(notes)} "
+                      "(said once per kind)", file=sys.stderr, flush=True)
+            return image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read image: {err}") from err
+
+
+def input_transform(name):
+    """How dataset `name` brings a decoded image file to image_size x image_size (eval.py --images uses it on any
+    image): celeba's face crop, and for every other dataset resize_center_crop."""
+    return celeba_transform if name == "celeba" else resize_center_crop
 
 
 def center_crop(image, size):
@@ -324,11 +384,14 @@ def celeba(root, split, size):
 
 
 def image_folder(name, root, split, size):
-    candidates = [root / split] + ([root / "valid"] if split == "val" else [])
+    candidates = [root / split] + ([root / "valid", root / "test"] if split == "val" else [])
     split_dirs = [d for d in candidates if d.is_dir()]
     has_split_dirs = any((root / d).is_dir() for d in ("train", "val", "valid", "test"))
+    note = None
     if split_dirs:
         paths = list_images(split_dirs[0])
+        if split_dirs[0].name == "test":  # train/ and test/ only: validate on test/, as for MNIST
+            note = f"{root} has no val/: validating on {split_dirs[0]}"
     elif has_split_dirs or name == "imagenet":
         layout = "train/ and val/" if name == "imagenet" else "train/, val/ and test/"
         raise DataError(f"{candidates[0]} not found; {name} expects image files in "
@@ -342,13 +405,13 @@ def image_folder(name, root, split, size):
         folder = split_dirs[0] if split_dirs else root
         raise DataError(f"{folder}: no images for split {split!r} (searched subfolders too "
                         f"for files ending in {' '.join(IMAGE_EXTENSIONS)}, any case)")
-    return ImageFiles(paths, size, resize_center_crop)
+    return ImageFiles(paths, size, resize_center_crop, note)
 
 
 def list_images(folder):
     """All image files under folder, recursively, in sorted order."""
     # sorted as strings: the order of Path objects has changed between Python versions
-    return sorted(str(p) for p in folder.rglob("*")
+    return sorted(str(p) for p in Path(folder).rglob("*")
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 # -----------------------------------------------------------------------------

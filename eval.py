@@ -1,18 +1,29 @@
 """
-Evaluate a trained model: reconstruction quality and how its codebooks are used.
+Evaluate a trained model: reconstruction quality and how its codebooks are used; use it on your own images.
 
-  python eval.py --ckpt out/vqvae_shapes/ckpt.pt [--split test] [--json metrics.json] [--grid recon.png]
+  python eval.py --ckpt out/vqvae_shapes/ckpt.pt [--split test] [--ablation]    # a split of the model's dataset
+  python eval.py --ckpt CKPT --images DIR --out OUT [--codes]    # reconstruct (and tokenize) every image under DIR
+  python eval.py --ckpt CKPT --decode OUT/codes.npy --out DIR    # codes back to images
+  python eval.py --curves out/vqvae_shapes/log.jsonl             # a run's training curves, curves.csv and .png
+
+A split's evaluation writes, next to the checkpoint, <ckpt>_<split>_metrics.json, a reconstruction grid, and per
+codebook <ckpt>_<split>_usage_<name>.csv (each code's count, least used first, and the Lorenz curve) with its PNG.
+Every picture needs matplotlib, an optional extra; the CSV behind it is always written.
 
 What the numbers mean (images are scaled to [0, 1] for every pixel metric, reconstructions clamped to [0, 1]):
   mse             mean squared error over every pixel of the split
   psnr            10 log10(1 / mse) of that global MSE (what skimage's peak_signal_noise_ratio gives for the whole
                   split taken as one image, data_range=1)
   psnr_per_image  the mean over images of each image's PSNR (a different, usually larger, number)
+  ssim            the mean over images of each image's SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5,
+                  K1 0.01, K2 0.03, data range 1, mean over positions and channels; see per_image_ssim)
   mean_image_psnr the PSNR of predicting every image by the split's mean image: the floor any model must beat
+  skipped         images of the split that could not be read (named on stderr), when there are any
 For each codebook (named by the model: "vq", or "top" / "bottom", ...):
   perplexity      exp(entropy) of the code counts over the whole split (the mean of per-batch perplexities is a
                   different, smaller number); K when every code is used equally often
   usage, dead     fraction of codes used at least once over the split, and the number never used
+  gini            twice the area between the Lorenz curve of code usage and the diagonal: 0 for equal use
   eff_dim_99      the smallest k whose top-k PCA eigenvalues explain >= 99% of the variance, of the pre-quantization
                   latents and of the codebook vectors
   pr              participation ratio (sum l)^2 / sum l^2 of the same spectra
@@ -20,8 +31,8 @@ For each codebook (named by the model: "vq", or "top" / "bottom", ...):
 For models that can decode from part of their codes (model.partial_decodes(x) -> {name: x_hat}, e.g. the first n
 groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse", and a
 PNG strip of the first batch: inputs on top, then one row per partial reconstruction in the model's order.
-For models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g. pqvae's ordered
-codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
+With --ablation, for models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g.
+pqvae's ordered codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
 the mse with all codes (how much that position carries: large for early codes when codes are ordered).
 For models with measurements of their own (model.eval_stats(x) -> {name: tensor}, each a mean over the batch, a
 scalar or one value per position: how often adaptive_vq chooses each codebook, pqvae's entropy of q(z_l | x) per
@@ -44,6 +55,7 @@ raster order for grids) and reports
 """
 
 import argparse
+import csv
 import itertools
 import json
 import math
@@ -70,6 +82,28 @@ def psnr(mse):
     if torch.is_tensor(mse):
         return 10 * torch.log10(1 / mse)
     return 10 * math.log10(1 / mse) if mse > 0 else float("inf")
+
+
+def per_image_ssim(x, x_hat, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Images in [-1, 1], (B, C, H, W) -> (B,) SSIM (Wang et al. 2004) on the [0, 1] scale (data range 1), the
+    reconstruction clamped to [0, 1]: local means, variances and covariance under a window x window Gaussian of
+    std sigma at every position where the window fits (no padding), the SSIM map's mean over positions and channels.
+    An image smaller than the window gets a window of its own size (our choice; SSIM is not defined there)."""
+    a, b = (x.double() + 1) / 2, ((x_hat.double() + 1) / 2).clamp(0, 1)
+    size = min(window, *a.shape[-2:])
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    C = a.shape[1]
+
+    def blur(t):  # the 2-D Gaussian as two 1-D passes, per channel
+        t = torch.nn.functional.conv2d(t, g.view(1, 1, size, 1).expand(C, 1, size, 1), groups=C)
+        return torch.nn.functional.conv2d(t, g.view(1, 1, 1, size).expand(C, 1, 1, size), groups=C)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = k1 ** 2, k2 ** 2
+    ssim_map = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return ssim_map.flatten(1).mean(1)
 
 
 def perplexity(counts):
@@ -121,6 +155,7 @@ def codebook_metrics(counts, latents, codebook):
         "perplexity": perplexity(counts),
         "usage": used / K,
         "dead": K - used,
+        "gini": gini(counts),
         "eff_dim_99_latent": eff_dim(lat_eigs),
         "eff_dim_99_codebook": eff_dim(cb_eigs),
         "pr_latent": participation_ratio(lat_eigs),
@@ -226,32 +261,38 @@ def prefix_lengths(n):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000, diagnostics=False):
+def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents=50_000, diagnostics=False,
+             ablation=False):
     """Run `model` (in eval mode) over `loader`; returns a flat dict of the metrics in the module docstring, plus the
     first batch's inputs and reconstructions under the key "_grid" for save_grid. Latent spectra use about
-    `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed. With `diagnostics`, also the
-    costlier code ablation (one decode per position) and, under "_strip", the rows of partial reconstructions of the
-    first batch for save_rows, and each image's code sequence under "_codes" with the per-position entropy (eval.py's
-    main asks for them; validation during training does not)."""
+    `max_latents` vectors per codebook, drawn evenly from every batch with a fixed seed. With `diagnostics`, also,
+    under "_strip", the rows of partial reconstructions of the first batch for save_rows, each codebook's code counts
+    under "_counts", and each image's code sequence under "_codes" with the per-position entropy (eval.py's main asks
+    for them; validation during training does not). With `ablation`, the costlier code ablation (one decode per code
+    position). A loader whose dataset skips unreadable images (data.collate_readable) gives smaller batches: the
+    images missing are counted as "skipped"."""
     n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     picker = torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
     mse_sum = n_images = 0.0
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
-    per_image_psnr, counts, latents, codebooks, partial_sse, grid, strip = [], {}, {}, {}, {}, None, None
+    per_image_psnr, per_image_ssims, counts, latents, codebooks, partial_sse, grid, strip = [], [], {}, {}, {}, {}, \
+        None, None
     ablation_sse = {}  # position -> summed increase of the per-image mse when that code is left out
     stat_sums = {}  # name -> sum over batches of (the model's own batch-mean measurement) x (batch size)
     sequences = []  # each batch's codes, (B, n), with diagnostics
     for i, x in enumerate(tqdm(loader, total=n_batches, desc="evaluating", leave=False, disable=not diagnostics)):
         if max_batches is not None and i >= max_batches:
             break
+        if not len(x):  # every image of the batch was unreadable
+            continue
         x = x.to(device, non_blocking=True)
         with autocast or torch.autocast(device.type, enabled=False):
             x_hat, _, forward_stats = model(x)
             views = model.latents(x) if hasattr(model, "latents") else {}  # {name: (codebook, z (N, D), codes (N,))}
             partial = model.partial_decodes(x) if hasattr(model, "partial_decodes") else {}
-            ablated = model.code_ablation(x) if diagnostics and hasattr(model, "code_ablation") else {}
+            ablated = model.code_ablation(x) if ablation and hasattr(model, "code_ablation") else {}
             own = model.eval_stats(x) if hasattr(model, "eval_stats") else {}
             if diagnostics and hasattr(model, "encode"):
                 sequences.append(code_sequence(model.encode(x)).cpu())
@@ -275,6 +316,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             ablation_sse[pos] = ablation_sse.get(pos, 0.0) + float((per_image_mse(x, x_abl).double() - mse).sum())
         mse_sum += float(mse.sum())
         per_image_psnr.append(psnr(mse.clamp(min=1e-12)))
+        per_image_ssims.append(per_image_ssim(x, x_hat).cpu())
         x01 = (x.double() + 1) / 2
         px_sum = x01.sum(0) if px_sum is None else px_sum + x01.sum(0)
         px_sq_sum = (x01 ** 2).sum(0) if px_sq_sum is None else px_sq_sum + (x01 ** 2).sum(0)
@@ -282,15 +324,18 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
             grid = (x.cpu(), x_hat.float().cpu())
             strip = [x.cpu()] + [x_part.float().cpu() for x_part in partial.values()] if partial else None
     if not n_images:
-        raise ValueError("evaluate: the loader gave no batches")
+        raise ValueError("evaluate: the loader gave no images (none, or none readable)")
     model.train(was_training)
 
     out = {"images": int(n_images)}
+    if getattr(loader, "batch_size", None) is not None:  # images the loader should have given, less those it gave
+        skipped = min(len(loader.dataset), n_batches * loader.batch_size) - int(n_images)
+        out.update({"skipped": skipped} if skipped else {})
     if per_image_psnr:
         mse = mse_sum / n_images
         mean_image_mse = float((px_sq_sum / n_images - (px_sum / n_images) ** 2).mean())
         out = {"mse": mse, "psnr": psnr(mse), "psnr_per_image": float(torch.cat(per_image_psnr).mean()),
-               "mean_image_psnr": psnr(mean_image_mse), **out}
+               "ssim": float(torch.cat(per_image_ssims).mean()), "mean_image_psnr": psnr(mean_image_mse), **out}
     for name, c in counts.items():
         for key, value in codebook_metrics(c, torch.cat(latents[name]), codebooks[name]).items():
             out[f"{name}/{key}"] = value
@@ -311,6 +356,7 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     out["_grid"] = grid
     if diagnostics:
         out["_strip"] = strip
+        out["_counts"] = counts
         out["_codes"] = torch.cat(sequences) if sequences else None
     return out
 
@@ -378,10 +424,9 @@ def load_model(path, device="cpu"):
 
 
 def main(argv=None):
-    import data  # here, not at the top: the metric functions above need nothing from data.py
-
-    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p = argparse.ArgumentParser(description="Evaluate a train.py checkpoint on a split of its dataset, reconstruct or "
+                                "tokenize a folder of your own images, decode codes, or draw a run's training curves.")
+    p.add_argument("--ckpt", default=None, help="checkpoint written by train.py")
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     p.add_argument("--data_dir", default=None, help="default: the one the model was trained with")
     p.add_argument("--batch_size", type=int, default=64)
@@ -393,7 +438,30 @@ def main(argv=None):
                    "(default: next to the checkpoint)")
     p.add_argument("--classify", default="auto", choices=["auto", "off"],
                    help="classification from codes, fitted on the train split: auto = when the dataset has labels")
+    p.add_argument("--ablation", action="store_true",
+                   help="also the code ablation (one decode per code position: costly for long codes)")
+    p.add_argument("--images", default=None,
+                   help="reconstruct every image file under this folder (recursively; PNG, JPEG, BMP, WebP, any size) "
+                        "into --out, each first brought to the model's input as its dataset does: celeba's central "
+                        "140x140 resized, any other dataset's shorter side scaled to image_size and the central square "
+                        "kept; grayscale for a 1-channel model")
+    p.add_argument("--codes", action="store_true", help="with --images: also write the codes, --out/codes.npy (one "
+                   "row per image, the code sequence of eval.code_sequence) and codes.json (checkpoint, config, files)")
+    p.add_argument("--decode", default=None, help="a codes .npy (from --codes or sample.py): decode it into --out")
+    p.add_argument("--curves", default=None, help="a run's log.jsonl: draw its training curves (CSV and PNG) into "
+                   "--out (default: beside the log)")
+    p.add_argument("--out", default=None, help="output folder for --images, --decode and --curves")
     args = p.parse_args(argv)
+    if args.curves:
+        return draw_curves(args.curves, args.out or os.path.dirname(os.path.abspath(args.curves)))
+    if not args.ckpt:
+        p.error("give --ckpt (or --curves LOG)")
+    if (args.images or args.decode) and not args.out:
+        p.error("--images and --decode need --out, the folder to write into")
+    if args.codes and not args.images:
+        p.error("--codes goes with --images")
+    if args.batch_size < 1:
+        p.error("--batch_size must be at least 1")
 
     import train  # here, not at the top: train.py imports this file
     device = train.checked_device(args.device, "eval.py")
@@ -402,62 +470,322 @@ def main(argv=None):
         if getattr(args, option) and not os.path.isdir(folder):
             raise SystemExit(f"eval.py: --{option}: the folder {folder} does not exist")
     model, ckpt = load_model(args.ckpt, device)
+    if args.images:
+        return reconstruct_folder(model, ckpt, args, device)
+    if args.decode:
+        return decode_codes(model, ckpt, args, device)
+    return evaluate_split(model, ckpt, args, device)
+
+
+def evaluate_split(model, ckpt, args, device):
+    import data  # here, not at the top: the metric functions above need nothing from data.py
     tcfg, mcfg = ckpt["train_config"], ckpt["model_config"]
     data_dir = args.data_dir or tcfg["data_dir"] or None
     sizes = getattr(model, "code_sizes", None)  # a prior: K at each position, for its baselines
+    shape = dict(image_size=mcfg["image_size"], channels=mcfg.get("in_channels"), skip_unreadable=True)
     try:
-        dataset = data.get_dataset(tcfg["dataset"], args.split, data_dir, mcfg["image_size"])
+        dataset = data.get_dataset(tcfg["dataset"], args.split, data_dir, **shape)
         labels = data.get_labels(tcfg["dataset"], args.split, data_dir) if args.classify == "auto" else None
         train_labels = data.get_labels(tcfg["dataset"], "train", data_dir) if labels is not None else None
         train_set = None
         if train_labels is not None or sizes is not None:
-            train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, mcfg["image_size"])
+            train_set = data.get_dataset(tcfg["dataset"], "train", data_dir, **shape)
         if train_labels is not None:
             for split, images, found in ((args.split, dataset, labels), ("train", train_set, train_labels)):
                 if len(found) != len(images):
                     raise data.DataError(f"{tcfg['dataset']} {split}: {len(images)} images but {len(found)} labels")
     except data.DataError as err:
         raise SystemExit(f"eval.py: {err}") from err
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
-    metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True)
+    if getattr(dataset, "note", None):
+        print(f"note: {dataset.note}")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=data.collate_readable)
+    try:
+        metrics = evaluate(model, loader, device, max_batches=args.max_batches, diagnostics=True,
+                           ablation=args.ablation)
+    except ValueError as err:  # nothing readable in the split
+        raise SystemExit(f"eval.py: {tcfg['dataset']} {args.split}: {err}") from None
     codes = metrics.pop("_codes")
-    if train_set is not None and codes is not None:
-        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size)
+    if (train_set is not None and codes is not None) and (train_labels is not None or sizes is not None):
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size,
+                                                   collate_fn=data.collate_readable)
         n_batches = min(len(train_loader), args.max_batches or len(train_loader))  # --max_batches: the train split too
         batches = tqdm(itertools.islice(train_loader, n_batches), total=n_batches, desc="codes of the train split",
                        leave=False)
         with torch.no_grad():
-            train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu() for x in batches])
+            train_codes = torch.cat([code_sequence(model.encode(x.to(device))).cpu() for x in batches if len(x)])
     if sizes is not None and codes is not None:  # the same codes under uniform and per-position unigram models
         uniform = float(torch.log2(sizes.double()).sum())
         unigram = float(unigram_bits(train_codes, codes, sizes.cpu()).mean())
         for name, bits in (("uniform", uniform), ("unigram", unigram)):
             metrics[f"baseline/{name}_bits_per_image"] = bits
             metrics[f"baseline/{name}_bits_per_code"] = bits / len(sizes)
-    if train_labels is not None and codes is not None:
+    if train_labels is not None and codes is not None and "skipped" not in metrics:
         prefixes = prefix_lengths(codes.shape[1])
         predicted = classify_from_codes(train_codes, train_labels[:len(train_codes)], codes, prefixes)
         metrics["classify/n"] = prefixes
         for name, pred in predicted.items():  # the evaluated images are the split's first len(codes), in order
             metrics[f"classify/{name}"] = (pred == labels[:len(codes), None]).mean(0).tolist()
 
-    stem = os.path.splitext(args.ckpt)[0]
-    grid_path = args.grid or f"{stem}_{args.split}_recon.png"
-    json_path = args.json or f"{stem}_{args.split}_metrics.json"
+    stem = f"{os.path.splitext(args.ckpt)[0]}_{args.split}"
+    grid_path = args.grid or f"{stem}_recon.png"
+    json_path = args.json or f"{stem}_metrics.json"
     grid = metrics.pop("_grid")
     if grid is not None:
         save_grid(*grid, grid_path)
     strip = metrics.pop("_strip")
     if strip:
-        strip_path = args.strip or f"{stem}_{args.split}_partial.png"
+        strip_path = args.strip or f"{stem}_partial.png"
         save_rows(strip, strip_path)
         print(f"wrote {strip_path}: inputs, then the partial reconstructions in order")
+    for name, counts in metrics.pop("_counts").items():
+        usage_path = f"{stem}_usage_{name.replace('/', '_')}"
+        write_usage(counts, usage_path, f"{tcfg['model']} {name}, {args.split} split")
+        print(f"wrote {usage_path}.csv" + (" and .png" if os.path.exists(usage_path + ".png") else "")
+              + f": the Lorenz curve and sorted counts of codebook {name!r}")
     print(f"{tcfg['model']} on {tcfg['dataset']} ({args.split}, {metrics['images']} images), step {ckpt['step']}")
     print(format_table(metrics))
     with open(json_path, "w") as f:
         json.dump({"checkpoint": args.ckpt, "split": args.split, "step": ckpt["step"], **metrics}, f, indent=2)
     print(f"wrote {json_path}" + (f" and {grid_path}" if grid is not None else ""))
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Your own images: reconstruct a folder, write its codes, decode codes
+
+
+def reconstruct_folder(model, ckpt, args, device):
+    """eval.py --images DIR --out OUT [--codes]: see main's help. Unreadable files are named and skipped; exits
+    non-zero only when no image could be read."""
+    import data
+    root = args.images
+    if not os.path.isdir(root):
+        raise SystemExit(f"eval.py: --images {root} is not a folder")
+    paths = data.list_images(root)
+    others = sum(1 for _, _, files in os.walk(root) for _ in files) - len(paths)
+    if others:
+        print(f"note: {others} files under {root} do not end in {' '.join(data.IMAGE_EXTENSIONS)} and are left out")
+    layout = code_layout(model) if args.codes else None
+    mcfg = ckpt["model_config"]
+    mode, size = "L" if mcfg.get("in_channels") == 1 else "RGB", mcfg["image_size"]
+    transform = data.input_transform(ckpt["train_config"]["dataset"])
+    names = output_names([os.path.relpath(path, root) for path in paths])
+    rows, skipped, sequences, done = [], [], [], []
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstructing", unit="batch"):
+        images, kept = [], []
+        for path, name in zip(paths[start:start + args.batch_size], names[start:start + args.batch_size]):
+            try:
+                images.append(data.to_tensor(transform(data.load_image(path, mode), size), mode))
+                kept.append((path, name))
+            except data.DataError as err:
+                tqdm.write(f"warning: skipped {err}")
+                skipped.append(os.path.relpath(path, root))
+        if not images:
+            continue
+        x = torch.stack(images).to(device)
+        with torch.no_grad():
+            x_hat = model(x)[0]
+            if x_hat is None:
+                raise SystemExit(f"eval.py: {args.ckpt} is a {ckpt['train_config']['model']}, which does not "
+                                 "reconstruct: give its tokenizer's checkpoint")
+            if layout is not None:
+                sequences.append(code_sequence(model.encode(x)).cpu())
+        mse, ssim = per_image_mse(x, x_hat).cpu(), per_image_ssim(x, x_hat).cpu()
+        for (path, name), image, m, s in zip(kept, x_hat.cpu(), mse.tolist(), ssim.tolist()):
+            save_image(image, os.path.join(args.out, name))
+            rows.append((os.path.relpath(path, root), name, m, psnr(m), s))
+            done.append(os.path.relpath(path, root))
+    if not rows:
+        raise SystemExit(f"eval.py: no image under {root} could be read" + (f" ({len(skipped)} skipped)"
+                                                                            if skipped else ""))
+    write_csv(os.path.join(args.out, "reconstructions.csv"), ["file", "output", "mse", "psnr", "ssim"], rows)
+    mse = float(np.mean([r[2] for r in rows]))
+    summary = {"checkpoint": os.path.abspath(args.ckpt), "images": len(rows), "skipped": skipped, "mse": mse,
+               "psnr": psnr(mse), "psnr_per_image": float(np.mean([min(r[3], 1e9) for r in rows])),
+               "ssim": float(np.mean([r[4] for r in rows]))}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table({k: v for k, v in summary.items() if k not in ("checkpoint", "skipped")}))
+    if layout is not None:
+        codes = torch.cat(sequences).numpy()
+        np.save(os.path.join(args.out, "codes.npy"), codes.astype(np.int32))
+        with open(os.path.join(args.out, "codes.json"), "w") as f:
+            json.dump({"checkpoint": os.path.abspath(args.ckpt), "model": ckpt["train_config"]["model"],
+                       "model_config": ckpt["model_config"], "code_layout": [[list(s), k] for s, k in layout],
+                       "files": done}, f, indent=1)
+        print(f"wrote {os.path.join(args.out, 'codes.npy')}: {codes.shape[0]} images x {codes.shape[1]} codes")
+    print(f"wrote {len(rows)} reconstructions, reconstructions.csv and summary.json to {args.out}"
+          + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+    return summary
+
+
+def decode_codes(model, ckpt, args, device):
+    """eval.py --decode CODES.npy --out OUT: one PNG per row of codes, named as the codes.json beside it says."""
+    try:
+        codes = torch.from_numpy(np.load(args.decode, allow_pickle=False)).long()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"eval.py: cannot read codes from {args.decode}: {err}") from None
+    sizes = model.code_sizes.cpu() if hasattr(model, "code_sizes") else position_sizes(code_layout(model))
+    if codes.ndim != 2 or codes.shape[1] != len(sizes):
+        raise SystemExit(f"eval.py: {args.decode} holds an array of shape {tuple(codes.shape)}; this model's codes "
+                         f"are (images, {len(sizes)})")
+    bad = (codes < 0) | (codes >= sizes)
+    if bad.any():
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise SystemExit(f"eval.py: {args.decode}: code {int(codes[row, col])} at image {row}, position {col} is "
+                         f"outside 0..{int(sizes[col]) - 1}")
+    meta_path = os.path.splitext(args.decode)[0] + ".json"
+    names = [f"{i:06d}.png" for i in range(len(codes))]
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("model_config") != json.loads(json.dumps(ckpt["model_config"])):  # as JSON: tuples are lists
+            raise SystemExit(f"eval.py: {args.decode} holds the codes of {meta.get('checkpoint')}, whose model "
+                             f"differs from {args.ckpt}'s")
+        if len(meta.get("files", [])) == len(codes):
+            names = output_names(meta["files"])
+    decode = model.decode if hasattr(model, "code_sizes") else lambda seq: model.decode(
+        sequence_to_codes(seq, model.code_layout()))
+    for start in tqdm(range(0, len(codes), args.batch_size), desc="decoding", unit="batch"):
+        with torch.no_grad():
+            images = decode(codes[start:start + args.batch_size].to(device)).cpu()
+        for image, name in zip(images, names[start:start + args.batch_size]):
+            save_image(image, os.path.join(args.out, name))
+    print(f"wrote {len(codes)} images to {args.out}")
+    return len(codes)
+
+
+def code_layout(model):
+    """The model's code_layout(), or a clear exit for a model whose codes have no fixed layout."""
+    if not hasattr(model, "code_layout"):
+        raise SystemExit(f"eval.py: {type(model).__module__} has no code layout to write or read codes with")
+    try:
+        return model.code_layout()
+    except ValueError as err:  # adaptive_vq, or warmup_vqgan before its switch
+        raise SystemExit(f"eval.py: {err}") from None
+
+
+def position_sizes(layout):
+    """K at each position of code_sequence's order, for a code_layout() [(shape, K), ...] -> (n,) int64."""
+    return torch.cat([torch.full((math.prod(shape),), k) for shape, k in layout])
+
+
+def output_names(files):
+    """Input file names (relative) -> output PNG names: the same name with .png, or with .png added where two inputs
+    would otherwise share one (a.jpg and a.png)."""
+    stems = [os.path.splitext(f)[0] for f in files]
+    return [f"{stem}.png" if stems.count(stem) == 1 else f"{f}.png" for stem, f in zip(stems, files)]
+
+
+def save_image(image, path):
+    """One image (C, H, W) in [-1, 1] -> a PNG at path, its folders made as needed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_rows([image[None]], path, n=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pictures, each with the CSV of its numbers: code usage (Lorenz curves) and training curves
+
+
+def lorenz(counts):
+    """counts (K,) -> (x, y), float64 (K + 1,) each: the Lorenz curve of code usage. With the codes sorted from least
+    to most used, y[i] is the share of all uses that the i least used codes take, x[i] = i / K. The diagonal when every
+    code is used equally; a collapsed codebook stays near 0 and rises only at the end."""
+    c = counts.double().sort().values
+    x = torch.arange(len(c) + 1, dtype=torch.float64) / len(c)
+    return x, torch.cat([torch.zeros(1, dtype=torch.float64), c.cumsum(0) / c.sum()])
+
+
+def gini(counts):
+    """Twice the area between the diagonal and the Lorenz curve: 0 when every code is used equally, 1 - 1/K when one
+    code takes every use."""
+    x, y = lorenz(counts)
+    return float(1 - ((y[1:] + y[:-1]) * (x[1:] - x[:-1])).sum())
+
+
+def write_usage(counts, stem, title):
+    """stem.csv: each code's count, least used first, with the Lorenz curve's point (the counts column read bottom up
+    is the sorted usage histogram); stem.png: the Lorenz curve beside the histogram, when matplotlib is there."""
+    order = counts.argsort(stable=True)
+    x, y = lorenz(counts)
+    rows = [(i, int(order[i]), int(counts[order[i]]), float(x[i + 1]), float(y[i + 1])) for i in range(len(counts))]
+    write_csv(stem + ".csv", ["rank_from_least_used", "code", "count", "code_fraction", "usage_fraction"], rows)
+    ranked = counts.sort(descending=True).values.tolist()
+    plot(stem + ".png", title, [
+        ("Lorenz curve of code usage", "fraction of codes, least used first", "fraction of uses",
+         [("equal use", [0, 1], [0, 1], "--"), (f"gini {gini(counts):.2f}", x.tolist(), y.tolist(), "-")]),
+        ("codes by use", "rank", "uses (log scale)", [("count", list(range(1, len(ranked) + 1)), ranked, "bar")]),
+    ])
+
+
+def draw_curves(log_path, out_dir):
+    """eval.py --curves LOG: the training curves of a train.py log.jsonl, curves.csv (one row per record, a column per
+    number logged) and curves.png (loss, PSNR, perplexity, effective dimension of the latents, as logged)."""
+    try:
+        with open(log_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"eval.py: cannot read the log {log_path}: {err}") from None
+    if not records:
+        raise SystemExit(f"eval.py: {log_path} holds no records")
+    os.makedirs(out_dir, exist_ok=True)
+    columns = ["step", "split"] + sorted({k for r in records for k, v in r.items()
+                                          if isinstance(v, (int, float)) and k not in ("step", "split")})
+    write_csv(os.path.join(out_dir, "curves.csv"), columns, [[r.get(c, "") for c in columns] for r in records])
+
+    def series(split, key):
+        points = [(r["step"], r[key]) for r in records if r.get("split") == split
+                  and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    panels = []
+    for title, wanted in (("loss", lambda k: k in ("loss", "bits_per_code")), ("PSNR (dB)", lambda k: k == "psnr"),
+                          ("perplexity", lambda k: k.endswith("perplexity")),
+                          ("effective dimension (99%) of the latents", lambda k: k.endswith("eff_dim_99_latent"))):
+        lines = [(f"{split} {key}", *series(split, key), "-") for key in columns[2:] if wanted(key)
+                 for split in ("train", "val") if series(split, key)[0]]
+        if lines:
+            panels.append((title, "step", "", lines))
+    plot(os.path.join(out_dir, "curves.png"), log_path, panels)
+    print(f"wrote {os.path.join(out_dir, 'curves.csv')}"
+          + (" and curves.png" if os.path.exists(os.path.join(out_dir, "curves.png")) else ""))
+    return records
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def plot(path, title, panels):
+    """Panels [(title, xlabel, ylabel, [(label, xs, ys, style "-", "--" or "bar"), ...]), ...] side by side in one
+    PNG. Needs matplotlib, an optional extra: without it, says so in one line and draws nothing (the CSV is written
+    anyway)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: {os.path.basename(path)} not drawn: the pictures need matplotlib (pip install matplotlib); "
+              "the CSV beside it holds the numbers")
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (name, xlabel, ylabel, lines) in zip(axes[0], panels):
+        for label, xs, ys, style in lines:
+            if style == "bar":
+                ax.bar(xs, ys, width=1.0, label=label)
+                ax.set_yscale("log")
+            else:
+                ax.plot(xs, ys, style, label=label)
+        ax.set(title=name, xlabel=xlabel, ylabel=ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

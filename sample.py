@@ -72,7 +72,7 @@ def main(argv=None):
         tcfg = ckpt["train_config"]
         try:
             dataset = data.get_dataset(tcfg["dataset"], args.split, args.data_dir or tcfg["data_dir"] or None,
-                                       ckpt["model_config"]["image_size"])
+                                       ckpt["model_config"]["image_size"], ckpt["model_config"].get("in_channels"))
         except data.DataError as err:
             raise SystemExit(f"sample.py: {err}") from err
         x = torch.stack([dataset[i] for i in range(min(num, len(dataset)))]).to(device)

@@ -395,20 +395,24 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 def make_loaders(tcfg, mcfg, device, rank, world):
-    image_size = getattr(mcfg, "image_size", None)
+    """Unreadable images are skipped (named on stderr by the dataset): see batches."""
+    shape = dict(image_size=getattr(mcfg, "image_size", None), channels=getattr(mcfg, "in_channels", None),
+                 skip_unreadable=True)
     try:
         if tcfg.download:
             data.download(tcfg.dataset, tcfg.data_dir)
-        train_set = data.get_dataset(tcfg.dataset, "train", tcfg.data_dir or None, image_size)
-        val_set = data.get_dataset(tcfg.dataset, "val", tcfg.data_dir or None, image_size)
+        train_set = data.get_dataset(tcfg.dataset, "train", tcfg.data_dir or None, **shape)
+        val_set = data.get_dataset(tcfg.dataset, "val", tcfg.data_dir or None, **shape)
     except data.DataError as err:
         raise SystemExit(f"train.py: {err}") from err
+    if rank == 0 and getattr(val_set, "note", None):
+        print(f"note: {val_set.note}")
     if len(train_set) < tcfg.batch_size * world:
         raise SystemExit(f"train.py: the {tcfg.dataset} train split has {len(train_set)} images, fewer than one "
                          f"batch ({tcfg.batch_size} x {world} ranks)")
     sampler = EpochSampler(train_set, tcfg.seed, world, rank)
     common = dict(batch_size=tcfg.batch_size, num_workers=tcfg.num_workers, pin_memory=device.type == "cuda",
-                  persistent_workers=tcfg.num_workers > 0)
+                  persistent_workers=tcfg.num_workers > 0, collate_fn=data.collate_readable)
     # its own generator: each new iterator (at the start, every epoch, after a resume) draws its workers' base seed
     # from it, not from the global RNG, which a resume restores from the checkpoint and must then equal the
     # uninterrupted run's
@@ -419,14 +423,23 @@ def make_loaders(tcfg, mcfg, device, rank, world):
     return train_loader, val_loader, sampler
 
 
-def batches(loader, sampler, batch_size, start):
+def batches(loader, sampler, batch_size, start, skipped):
     """Endless stream of batches, from the `start`-th batch of the run on (epochs of len(sampler.base) // batch_size
-    batches): a resumed run sees the batches the uninterrupted run would have seen."""
+    batches): a resumed run sees the batches the uninterrupted run would have seen.
+
+    A batch with unreadable images (left out by data.collate_readable) is filled up by repeating its readable ones,
+    so that every batch, on every rank, keeps its shape; skipped[0] counts the images left out. When more than half
+    of one batch is unreadable, the data is broken rather than a file or two: DataError stops the run."""
     per_epoch = len(sampler.base) // batch_size
     sampler.epoch, skip = divmod(start, per_epoch)
     sampler.skip = skip * batch_size
     while True:
-        yield from loader
+        for x in loader:
+            missing = batch_size - len(x)
+            if missing > batch_size // 2:
+                raise data.DataError(f"{missing} of the {batch_size} images of one batch are unreadable (named above)")
+            skipped[0] += missing
+            yield x[torch.arange(batch_size) % len(x)] if missing else x
         sampler.epoch, sampler.skip = sampler.epoch + 1, 0
 
 
@@ -546,6 +559,9 @@ def main(argv=None):
     main_params = [p for p in raw_model.parameters() if p.requires_grad and id(p) not in aux_ids]
 
     dtype = amp_dtype(tcfg, device)
+    if master and dtype == torch.float16 and device.type == "cpu":
+        print("warning: --dtype float16 on a CPU is many times slower than float32 (CPUs lack fast float16 kernels); "
+              "use float32, or bfloat16 on a CPU that has it")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     adam = dict(lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay)
     optimizers = [torch.optim.AdamW(main_params, **adam)]
@@ -583,7 +599,8 @@ def main(argv=None):
         model = torch.compile(model)
 
     train_loader, val_loader, sampler = make_loaders(tcfg, mcfg, device, rank, world)
-    stream = batches(train_loader, sampler, tcfg.batch_size, step * tcfg.grad_accum)
+    skipped = [0]  # unreadable training images left out so far, in this process
+    stream = batches(train_loader, sampler, tcfg.batch_size, step * tcfg.grad_accum, skipped)
 
     config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
     if master:
@@ -627,7 +644,7 @@ def main(argv=None):
             return
         ppl = "  ".join(f"{k} {v:.3g}" for k, v in metrics.items() if k.endswith(("perplexity", "usage")))
         tqdm.write(f"step {step}: val psnr {metrics['psnr']:.2f} dB (mean image {metrics['mean_image_psnr']:.2f})"
-                   f"  {ppl}")
+                   f"  ssim {metrics['ssim']:.3f}  {ppl}")
 
     stop, stopped = StopRequest(), False
     bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite loss or gradient: checked, not synced
@@ -676,6 +693,8 @@ def main(argv=None):
                 last_stats = {k: float(v) for k, v in stats.items()}
                 record = {"step": step, "split": "train", "loss": float(loss.detach()), "lr": lr,
                           "time": round(time.time() - t0, 2), **last_stats}
+                if skipped[0]:
+                    record["skipped_images"] = skipped[0]
                 if "recon" in last_stats:  # recon is MSE on [-1, 1]: /4 for [0, 1]
                     record["psnr"] = evaluation.psnr(last_stats["recon"] / 4)
                 log(record)
@@ -696,7 +715,7 @@ def main(argv=None):
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
-    except data.DataError as err:  # a bad image found mid-run: the model is fine, save it and name the file
+    except data.DataError as err:  # a batch of mostly unreadable images: the model is fine, save it and say so
         if not bad:
             checkpoint()
         message = str(err).strip().splitlines()[-1]  # from a worker, the last line of its traceback names the file

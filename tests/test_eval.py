@@ -268,3 +268,67 @@ def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 11) + bytes(11))
     with pytest.raises(SystemExit, match="12 images but 11 labels"):
         ev.main(common)
+
+
+def ssim_reference(a, b, window=11, sigma=1.5, k1=0.01, k2=0.03):
+    """SSIM of two (C, H, W) float64 images in [0, 1], straight from Wang et al. (2004): at every position where the
+    window fits, the Gaussian-weighted means, variances and covariance of the two patches; the mean of the map."""
+    size = min(window, *a.shape[1:])
+    g = np.exp(-(np.arange(size) - (size - 1) / 2) ** 2 / (2 * sigma ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = k1 ** 2, k2 ** 2
+    values = []
+    for c in range(a.shape[0]):
+        for i in range(a.shape[1] - size + 1):
+            for j in range(a.shape[2] - size + 1):
+                pa, pb = a[c, i:i + size, j:j + size], b[c, i:i + size, j:j + size]
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    return np.mean(values)
+
+
+def test_ssim_against_a_numpy_reference_and_hand_values():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, (2, 3, 16, 20))
+    a[1] = np.cumsum(a[1], axis=2) / 20  # a smooth image beside a noisy one
+    shifted = np.roll(a, 1, axis=3)
+    noisy = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    to_pm1 = lambda v: torch.tensor(v * 2 - 1)  # noqa: E731: eval.py takes images in [-1, 1]
+    assert ev.per_image_ssim(to_pm1(a), to_pm1(a)).tolist() == pytest.approx([1.0, 1.0], abs=1e-12)
+    for b in (shifted, noisy):
+        got = ev.per_image_ssim(to_pm1(a), to_pm1(b)).numpy()
+        want = [ssim_reference(a[i], b[i]) for i in range(2)]
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+        assert (got < 0.99).all()
+    # constant images 0.2 and 0.6: no variance, so SSIM = (2 * 0.2 * 0.6 + C1) / (0.2^2 + 0.6^2 + C1)
+    flat = ev.per_image_ssim(*(torch.full((1, 1, 12, 12), v, dtype=torch.float64) for v in (-0.6, 0.2)))
+    assert float(flat) == pytest.approx((0.24 + 1e-4) / (0.40 + 1e-4), rel=1e-12)
+    # an image smaller than the window: a window of its own size (our choice), as the reference does
+    small = rng.uniform(0, 1, (1, 1, 8, 8))
+    got = ev.per_image_ssim(to_pm1(small), to_pm1(np.roll(small, 1, axis=2)))
+    assert float(got) == pytest.approx(ssim_reference(small[0], np.roll(small, 1, axis=2)[0]), rel=1e-9)
+    # the reconstruction is clamped to [0, 1], as for the MSE
+    assert float(ev.per_image_ssim(to_pm1(a[:1]), to_pm1(a[:1]) * 1.5)) < 1
+
+
+def test_evaluate_reports_the_mean_of_per_image_ssim():
+    x = torch.rand(5, 3, 12, 12) * 2 - 1
+    x_hat = (x + 0.2 * torch.randn_like(x)).clamp(-1, 1)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, inputs):
+            return x_hat[:len(inputs)] if len(inputs) == 5 else x_hat[3:], torch.zeros(()), {}
+    out = ev.evaluate(Fixed(), [x], torch.device("cpu"))
+    assert out["ssim"] == pytest.approx(np.mean([ssim_reference((x[i].double().numpy() + 1) / 2,
+                                                                (x_hat[i].double().numpy() + 1) / 2)
+                                                 for i in range(5)]), rel=1e-9)
+
+
+def test_lorenz_curve_and_gini_by_hand():
+    x, y = ev.lorenz(torch.tensor([3, 1]))
+    assert x.tolist() == [0, 0.5, 1] and y.tolist() == [0, 0.25, 1]
+    assert ev.gini(torch.tensor([3, 1])) == pytest.approx(0.25)  # 1 - 2 (0.0625 + 0.3125)
+    assert ev.gini(torch.tensor([5, 5, 5, 5])) == pytest.approx(0)
+    assert ev.gini(torch.tensor([0, 0, 0, 7])) == pytest.approx(0.75)  # one code takes every use: 1 - 1/K

@@ -462,7 +462,7 @@ def test_train_runs_pqvae_and_eval_reports_prefixes_ablation_and_strip(tmp_path)
                 "--feature_dim", "16", "--downsample", "2", "--steps", "4", "--codebook_size", "16",
                 "--tail_dropout", "true", "--eval_batches", "1", "--out_dir", str(out)])
     json_path, strip_path = tmp_path / "m.json", tmp_path / "s.png"
-    metrics = ev.main(["--ckpt", str(out / "ckpt.pt"), "--max_batches", "1", "--batch_size", "4",
+    metrics = ev.main(["--ckpt", str(out / "ckpt.pt"), "--max_batches", "1", "--batch_size", "4", "--ablation",
                        "--json", str(json_path), "--grid", str(tmp_path / "g.png"), "--strip", str(strip_path)])
     saved = json.loads(json_path.read_text())
     assert saved["step"] == 3
@@ -496,16 +496,17 @@ class AblationModel(torch.nn.Module):
 
 def test_evaluate_reports_code_ablation_and_strip_rows():
     x = torch.zeros(5, 1, 4, 4)
-    out = ev.evaluate(AblationModel(), [x[:3], x[3:]], torch.device("cpu"), diagnostics=True)
+    out = ev.evaluate(AblationModel(), [x[:3], x[3:]], torch.device("cpu"), diagnostics=True, ablation=True)
     assert out["code_ablation/positions"] == [0, 1, 2]
     # an offset of d on [-1, 1] is d / 2 on [0, 1]; the full reconstruction is exact
     np.testing.assert_allclose(out["code_ablation/mse_increase"], [0.0, 0.05 ** 2, 0.1 ** 2], rtol=1e-5, atol=1e-12)
     assert out["first/mse"] == pytest.approx(0.1 ** 2)
     strip = out["_strip"]
     assert len(strip) == 3 and torch.equal(strip[0], x[:3]) and torch.equal(strip[1], x[:3] + 0.2)
-    # off by default (training's validation): no ablation, no strip
+    # off by default (training's validation): no ablation, no strip; the ablation only when asked for
     plain = ev.evaluate(AblationModel(), [x], torch.device("cpu"))
     assert "code_ablation/positions" not in plain and "_strip" not in plain
+    assert "code_ablation/positions" not in ev.evaluate(AblationModel(), [x], torch.device("cpu"), diagnostics=True)
     assert "code_ablation/mse_increase" in ev.format_table(out)
 
 

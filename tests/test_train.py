@@ -262,20 +262,64 @@ def test_the_checkpoint_is_written_before_validation(tmp_path, monkeypatch):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
 
 
-def test_a_corrupt_image_mid_run_is_named_and_the_work_is_saved(tmp_path):
+def image_folder(folder, n, bad=(), size=32, mode="RGB"):
+    """n small PNGs img0..img{n-1} in folder, those numbered in `bad` cut short (unreadable)."""
     from PIL import Image
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(8):  # 8 images of which one is cut in half; no split folders: every 20th is held out for val
-        Image.new("RGB", (32, 32), (30 * i, 100, 200)).save(folder / f"img{i}.png")
-    bad = folder / "img5.png"
-    bad.write_bytes(bad.read_bytes()[:60])
+    folder.mkdir(parents=True)
+    for i in range(n):
+        colour = (30 * i, 100, 200) if mode == "RGB" else 25 * i
+        Image.new(mode, (size, size), colour).save(folder / f"img{i}.png")
+        if i in bad:
+            (folder / f"img{i}.png").write_bytes((folder / f"img{i}.png").read_bytes()[:60])
+    return str(folder)
+
+
+def test_a_corrupt_image_mid_run_is_named_skipped_and_counted_while_training_goes_on(tmp_path, capfd):
+    # no split folders: every 20th image (img0) is held out for val, the other 7 train, one of them cut short
+    folder = image_folder(tmp_path / "images", 8, bad={5})
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit, match="img5.png: cannot read image") as err:
-        train.main([*TINY, "--dataset", "folder", "--data_dir", str(folder), "--image_size", "32", "--batch_size", "3",
-                    "--out_dir", out, "--max_iters", "50", "--num_workers", "1"])
+    train.main([*TINY, "--dataset", "folder", "--data_dir", folder, "--image_size", "32", "--batch_size", "3",
+                "--out_dir", out, "--max_iters", "12", "--log_interval", "1", "--num_workers", "1"])
+    named = capfd.readouterr().err.count("img5.png: cannot read image")
+    log = read_log(out)
+    assert log[-1]["step"] == 12 and named >= 1
+    assert log[-1]["skipped_images"] == named  # each skip named once and counted once
+    assert all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_a_batch_mostly_unreadable_stops_the_run_and_keeps_the_work(tmp_path):
+    folder = image_folder(tmp_path / "images", 8, bad={2, 3, 4, 5, 6})
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="of the 3 images of one batch are unreadable") as err:
+        train.main([*TINY, "--dataset", "folder", "--data_dir", folder, "--image_size", "32", "--batch_size", "3",
+                    "--out_dir", out, "--max_iters", "50"])
     assert "checkpoint of step" in str(err.value)
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_a_folder_with_train_and_test_but_no_val_validates_on_test(tmp_path, capsys):
+    image_folder(tmp_path / "data" / "train", 6)
+    image_folder(tmp_path / "data" / "test", 3)
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--dataset", "folder", "--data_dir", str(tmp_path / "data"), "--image_size", "32",
+                "--batch_size", "3", "--out_dir", out, "--max_iters", "2", "--eval_interval", "2"])
+    assert "has no val/: validating on" in capsys.readouterr().out
+    val = read_log(out, "val")
+    assert len(val) == 1 and val[0]["images"] == 3 and 0 < val[0]["ssim"] <= 1
+
+
+def test_a_grayscale_folder_trains_and_evaluates_with_one_channel(tmp_path):
+    import eval as ev
+    folder = image_folder(tmp_path / "gray", 21, mode="L")
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--dataset", "folder", "--data_dir", folder, "--image_size", "32", "--in_channels", "1",
+                "--out_dir", out, "--max_iters", "2"])
+    metrics = ev.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--split", "val"])
+    assert metrics["images"] == 2 and math.isfinite(metrics["psnr"])
+    recon = ev.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--images", folder, "--out", str(tmp_path / "r")])
+    assert recon["images"] == 21
+    from PIL import Image
+    assert Image.open(tmp_path / "r" / "img3.png").mode == "L"
 
 
 def test_resume_refuses_a_different_architecture(tmp_path):
