@@ -59,7 +59,7 @@ class Config:
     dead_code_window: int = 10  # batches per window (hierarchy paper: 2 uses over 10 batches)
     # multi-group quantization (MGVQ); groups = 1 is plain VQ
     groups: int = 1  # G: code_dim is cut into G parts, each with its own sub-codebook of codebook_size codes
-    group_mask_probs: tuple[float, ...] = ()  # nested masking in training: G values, p_0 = 0; () disables.
+    group_mask_probs: tuple[float, ...] = ()  # nested masking in training: G non-decreasing values, p_0 = 0; () off.
     # Each batch draws u ~ U(0, 1) once and drops group i when u < p_i (MGVQ's first stage: 0,0.2,0.3,0.4)
     groups_to_use: int = 0  # in eval mode, decode from the first groups only; 0 uses all
 
@@ -402,6 +402,9 @@ class Model(nn.Module):
         if probs and (len(probs) != cfg.groups or probs[0] != 0 or not all(0 <= p <= 1 for p in probs)):
             raise ValueError(f"group_mask_probs needs {cfg.groups} probabilities in [0, 1], the first 0 (group 0 "
                              f"is always kept), got {probs}")
+        if any(later < earlier for earlier, later in zip(probs, probs[1:])):  # one u drops every group with u < p_i
+            raise ValueError(f"group_mask_probs must be non-decreasing, so that the groups kept are always the first "
+                             f"ones (nested masks), got {probs}")
         if not 0 <= cfg.groups_to_use <= cfg.groups:
             raise ValueError(f"groups_to_use must be between 0 (all) and groups = {cfg.groups}")
         self.cfg = cfg

@@ -169,6 +169,7 @@ def test_latents_per_group_and_eval_reports_groups():
     (dict(code_dim=8, groups=3), "divisible"),
     (dict(groups=4, code_dim=8, group_mask_probs=(0.1, 0.2, 0.3, 0.4)), "the first 0"),
     (dict(groups=4, code_dim=8, group_mask_probs=(0.0, 0.2)), "needs 4 probabilities"),
+    (dict(groups=4, code_dim=8, group_mask_probs=(0.0, 0.3, 0.2, 0.4)), "non-decreasing"),
     (dict(groups=2, code_dim=8, groups_to_use=3), "groups_to_use"),
 ])
 def test_bad_group_settings_are_refused(kwargs, message):
