@@ -138,6 +138,7 @@ class CodebookQuantizer(nn.Module):
     """
 
     block = 2 ** 24  # entries of the distance buffer (64 MiB in float32), whatever the number of vectors and K
+    cells_on_cpu = True  # D = 2 on a CPU takes the cell path (see _nearest_cells)
 
     def __init__(self, codebook_size, dim, decay=0.99, eps=1e-5, init="kmeans", kmeans_iters=10,
                  dead_code_threshold=2.0, dead_code_window=10):
@@ -187,12 +188,15 @@ class CodebookQuantizer(nn.Module):
     # -- nearest code -----------------------------------------------------------------------------------------------
 
     def nearest(self, z, codebook=None):
-        """Index of the nearest code for each row of z (P, D): (P,). D = 1 takes the sorted path (exact), any other D
-        the chunked one (exact up to the float32 rounding of ||e||^2 - 2 z.e); neither builds a (P, K) matrix."""
+        """Index of the nearest code for each row of z (P, D): (P,). D = 1 takes the sorted path (exact), D = 2 on a
+        CPU the cell path (the chunked path's codes, from far fewer distances), any other D the chunked one (exact up
+        to the float32 rounding of ||e||^2 - 2 z.e); none builds a (P, K) matrix."""
         e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
         z = z.detach().float()
         if self.dim == 1:
             return self._nearest_sorted(z[:, 0], e[:, 0])
+        if self.dim == 2 and z.device.type == "cpu" and self.cells_on_cpu:
+            return self._nearest_cells(z, e)
         return self._nearest_chunked(z, e)
 
     def _nearest_chunked(self, z, e):
@@ -209,6 +213,34 @@ class CodebookQuantizer(nn.Module):
             # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
             torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
             codes[i:i + chunk] = dc.argmin(-1)
+        return codes
+
+    def _nearest_cells(self, z, e, per_cell=256):
+        """D = 2: sort the rows of z into the cells of a grid over their bounding box (about `per_cell` rows each) and,
+        in each cell, compare only the codes that can be nearest to some point of the box around the cell's rows: a
+        code whose smallest distance to the box exceeds the largest distance from the box to some other code never
+        is. Our addition, not the paper's: the chunked path costs P * K distances, most of a CPU step for [2048, 2].
+        Among the candidates, in index order, the distances are the chunked path's, so the codes are too (the slack
+        below keeps every code within float32 rounding of the best). It reads sizes on the host, once per cell:
+        free on a CPU, a synchronisation on a GPU, which takes the chunked path."""
+        P = z.shape[0]
+        G = max(1, round(math.sqrt(P / per_cell)))  # G x G cells
+        lo, hi = z.min(0).values, z.max(0).values
+        cell = ((z - lo) / ((hi - lo) / G).clamp(min=1e-30)).floor().long().clamp(0, G - 1)  # (P, 2)
+        key = cell[:, 0] * G + cell[:, 1]  # (P,)
+        e_sq = (e * e).sum(-1)  # (K,)
+        slack = 1e-5 * (z.abs().max() ** 2 + e.abs().max() ** 2)  # above float32 rounding of ||e||^2 - 2 z.e
+        codes = torch.empty(P, dtype=torch.long)
+        for rows in key.argsort().split(torch.bincount(key, minlength=G * G).tolist()):
+            if len(rows) == 0:
+                continue
+            zc = z[rows]  # (c, 2)
+            box_lo, box_hi = zc.min(0).values, zc.max(0).values
+            near = ((box_lo - e).clamp(min=0) + (e - box_hi).clamp(min=0)).pow(2).sum(-1)  # (K,) box to code, least
+            far = torch.maximum(e - box_lo, box_hi - e).pow(2).sum(-1)  # (K,) and most
+            candidates = (near <= far.min() + slack).nonzero()[:, 0]  # (k,) in index order: ties to the lowest
+            d = torch.addmm(e_sq[candidates], zc, e[candidates].t(), alpha=-2.0)  # (c, k)
+            codes[rows] = candidates[d.argmin(-1)]
         return codes
 
     @staticmethod

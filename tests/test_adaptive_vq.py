@@ -77,6 +77,36 @@ def test_sorted_path_for_scalar_codes_finds_the_nearest_code():
     assert torch.equal(dist_got, dist_best)
 
 
+@pytest.mark.parametrize("layout", ["gaussian", "clustered", "wide", "one point"])
+def test_the_cell_path_for_2d_codes_picks_the_chunked_paths_codes(layout, buffer_shapes):
+    torch.manual_seed(0)
+    q = CodebookQuantizer(2048, 2, init="random")
+    z = torch.randn(100_000, 2)
+    if layout == "clustered":  # codes and vectors in a few tight clusters: many codes per cell
+        centres = torch.randn(5, 2) * 4
+        q.codebook.copy_(centres[torch.randint(5, (2048,))] + 0.01 * torch.randn(2048, 2))
+        z = centres[torch.randint(5, (100_000,))] + 0.02 * torch.randn(100_000, 2)
+    elif layout == "wide":  # vectors far outside the codes
+        z = z * 50
+    elif layout == "one point":  # a box of zero size
+        z = torch.full((5000, 2), 0.3)
+    got = q.nearest(z)
+    assert buffer_shapes == []  # not the chunked path
+    assert torch.equal(got, q._nearest_chunked(z, q.codebook))
+
+
+def test_the_cell_path_breaks_ties_to_the_lowest_index_like_brute_force():
+    # codes and vectors on an integer lattice, where every distance is exact in float32: many exact ties, and
+    # duplicated codes
+    g = torch.Generator().manual_seed(0)
+    q = CodebookQuantizer(300, 2, init="random")
+    q.codebook.copy_(torch.randint(-6, 7, (300, 2), generator=g).float())
+    z = torch.randint(-9, 10, (20_000, 2), generator=g).float() + 0.5 * torch.randint(0, 2, (20_000, 2), generator=g)
+    d = torch.cdist(z.double(), q.codebook.double())
+    lowest_tied = (d == d.min(1, keepdim=True).values).int().argmax(1)  # the first index at the minimum
+    assert torch.equal(q.nearest(z), lowest_tied)
+
+
 @pytest.fixture
 def buffer_shapes(monkeypatch):
     """The (rows, K) of every distance buffer CodebookQuantizer allocates while the test runs."""
@@ -128,7 +158,8 @@ def test_ema_moves_each_code_to_the_running_mean_of_its_vectors():
 
 
 @pytest.mark.parametrize("kw", [dict(dead_code_window=2), dict(fixed=16, dead_code_window=2)])
-def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads, kw):
+def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads, kw, monkeypatch):
+    monkeypatch.setattr(CodebookQuantizer, "cells_on_cpu", False)  # the path a GPU takes (the CPU's reads sizes)
     torch.manual_seed(0)
     model = Model(small_config(**kw))
     model.set_step(0)
