@@ -28,3 +28,8 @@ def test_ours_and_measure_time_a_training_forward_and_backward():
     seconds, peak = bench.measure(call, torch.device("cpu"), repeat=2)
     assert seconds > 0 and peak >= 0
     assert bool(vq.initialized) and z.grad is None  # the untimed first call initialised the codebook
+
+
+def test_bench_loading_reads_batches_through_train_pys_loader(capsys):
+    bench.bench_loading(["--batch_size", "4", "--image_size", "16"], batches=2, workers=[0])
+    assert "load shapes (3x16x16), batch 4, 0 workers:" in capsys.readouterr().out

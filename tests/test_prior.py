@@ -303,6 +303,15 @@ def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys):
     assert np.array_equal(np.load(tmp_path / "s.npy"), codes.numpy())
     again = sample.main(["--ckpt", ckpt, "--num", "10", "--seed", "3", "--out", str(tmp_path / "t.png")])
     assert torch.equal(again, codes)  # the seed decides the samples
+    # the saved codes decode, by eval.py --decode with the prior's checkpoint or its tokenizer's, into the samples
+    for i, source in enumerate((ckpt, tokenizer)):
+        evaluation.main(["--ckpt", source, "--decode", str(tmp_path / "s.npy"), "--out", str(tmp_path / f"d{i}")])
+    grid = np.asarray(Image.open(tmp_path / "s.png"))
+    for i in range(10):
+        row, col = divmod(i, 8)
+        for d in ("d0", "d1"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / d / f"{i:06d}.png")),
+                                  grid[16 * row:16 * row + 16, 16 * col:16 * col + 16])
 
     codes = sample.main(["--ckpt", ckpt, "--prefix", "0,4,16", "--num", "3", "--out", str(tmp_path / "c.png")])
     posterior = codes[:3]
