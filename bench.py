@@ -9,6 +9,7 @@ images/s and the share of its step spent in the quantizer; the data loader's thr
   python bench.py --train_only --model vqvae2 --dataset mnist --matched   # vqvae2 and its capacity-matched vqvae
   python bench.py --train_only --model prior --tokenizer out/pqvae_mnist/ckpt.pt  # a prior, and its tokenizer's share
   python bench.py --loading 0,2,4 --dataset celeba --data_dir DIR        # images/s of the loader, per worker count
+  python bench.py --gpu_check --steps 10               # a CUDA machine: every model, bf16/fp16, eager/compiled, torchrun
 
 Every flag that is not bench.py's own is a train.py setting (model, dataset, any Config field), resolved as train.py
 resolves it. Training throughput uses random batches of the dataset's shape: it measures the model, not data loading,
@@ -18,6 +19,10 @@ counters, on CPU from the process's peak resident memory (Linux /proc; the figur
 """
 
 import argparse
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -178,8 +183,7 @@ def bench_training(argv, steps, device):
 
     for _ in range(3):  # warm-up: data init, compilation, allocator
         one_step()
-    if device.type == "cuda":
-        print(sync_check(one_step))
+    verdict = sync_check(one_step) if device.type == "cuda" else None
     seconds = timed(one_step, steps, device)
     if hasattr(model, "tokenizer"):  # a prior: the share of its step spent in the frozen tokenizer's encode
         part = "the frozen tokenizer"
@@ -187,7 +191,7 @@ def bench_training(argv, steps, device):
     else:
         part = "the quantizer"
         share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
-    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share, part
+    return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share, part, verdict
 
 
 def sync_check(one_step):
@@ -197,10 +201,53 @@ def sync_check(one_step):
     try:
         one_step()
     except RuntimeError as err:
-        return f"sync check: the training step synchronises: {str(err).splitlines()[0]}"
+        return f"synchronises: {str(err).splitlines()[0]}"
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return "sync check: no host-device synchronisation in a training step"
+    return "no host-device synchronisation"
+
+
+MODELS = ("vqvae", "vqvae2", "pqvae", "adaptive_vq", "warmup_vqgan")
+
+
+def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16", "float16"), compiles=(False, True),
+              extra=(), ranks=None):
+    """The checks a CUDA machine is for, in one run and one table: for every model at the dataset's preset, images/s
+    of training steps in bf16 autocast and in fp16 with the gradient scaler, eager and compiled, with the quantizer's
+    share (eager steps) and whether a step synchronises with the host; then a few steps of every model under torchrun
+    on `ranks` processes (default: every GPU; NCCL on GPUs, gloo on a CPU). `extra`: more train.py settings."""
+    rows = []
+    for model in models:
+        for dtype in dtypes:
+            for compiled in compiles:
+                argv = ["--model", model, "--dataset", dataset, "--dtype", dtype, *(["--compile"] if compiled else []),
+                        *extra]
+                try:
+                    _, _, _, rate, share, _, verdict = bench_training(argv, steps, device)
+                    rows.append([model, dtype, "yes" if compiled else "no", f"{rate:.0f}",
+                                 "" if compiled else f"{share:.0%}", verdict or ""])
+                except Exception as err:  # one failing setting must not hide the others' results
+                    rows.append([model, dtype, "yes" if compiled else "no", "failed", "",
+                                 f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"])
+                print(" | ".join(rows[-1]), flush=True)
+    ranks = ranks or max(torch.cuda.device_count(), 1)
+    launched = []
+    for model in models:
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", model,
+                   "--image_size", "64", "--max_iters", "4", "--eval_interval", "4", "--eval_batches", "1",
+                   "--ckpt_interval", "4", "--out_dir", out, *extra]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            verdict = "ok" if run.returncode == 0 else f"failed ({run.returncode}): " + \
+                (run.stderr.strip().splitlines() or [""])[-1][:100]
+            launched.append([model, f"torchrun, {ranks} rank(s), 4 steps", verdict])
+            print(" | ".join(launched[-1]), flush=True)
+    print(f"\n| model | dtype | compiled | images/s | quantizer share | sync check |\n|---|---|---|---:|---:|---|")
+    print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    print("\n| model | run | result |\n|---|---|---|")
+    print("\n".join("| " + " | ".join(r) + " |" for r in launched))
+    return rows, launched
 
 
 def timed(call, repeat, device):
@@ -280,12 +327,17 @@ def main():
                    "on the dataset and data_dir given, with each of these numbers of workers")
     p.add_argument("--batches", type=int, default=50, help="timed batches per loader")
     p.add_argument("--matched", action="store_true", help="with --model vqvae2: also time its capacity-matched vqvae")
+    p.add_argument("--gpu_check", action="store_true", help="instead: every model in bf16 and fp16, eager and "
+                   "compiled, at the celeba preset, with a sync check, then torchrun on every GPU: one table")
     args, train_argv = p.parse_known_args()
     tcfg, _, _, _ = train.resolve_config(train_argv)
     device = torch.device(train.device_name(tcfg))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.loading:
         bench_loading(train_argv, args.batches, [int(w) for w in args.loading.split(",")])
+        return
+    if args.gpu_check:
+        gpu_check(args.steps, device, extra=train_argv)
         return
 
     if not args.train_only:
@@ -296,7 +348,9 @@ def main():
     if not args.quantizer_only:
         rates = []
         for argv in [train_argv] + ([matched_argv(train_argv)] if args.matched else []):
-            tcfg, mcfg, dtype, images_per_s, share, part = bench_training(argv, args.steps, device)
+            tcfg, mcfg, dtype, images_per_s, share, part, verdict = bench_training(argv, args.steps, device)
+            if verdict:
+                print(f"sync check: {verdict}")
             print(f"train {tcfg.model} on {tcfg.dataset}-shaped batches ({mcfg.in_channels}x{mcfg.image_size}x"
                   f"{mcfg.image_size}), batch {tcfg.batch_size}, {str(dtype).replace('torch.', '')}"
                   f"{', compiled' if tcfg.compile else ''}: {images_per_s:.1f} images/s, "

@@ -33,3 +33,15 @@ def test_ours_and_measure_time_a_training_forward_and_backward():
 def test_bench_loading_reads_batches_through_train_pys_loader(capsys):
     bench.bench_loading(["--batch_size", "4", "--image_size", "16"], batches=2, workers=[0])
     assert "load shapes (3x16x16), batch 4, 0 workers:" in capsys.readouterr().out
+
+
+def test_gpu_check_runs_every_setting_and_torchrun_and_prints_one_table(capsys):
+    # on a CPU, at a tiny size: the code path a CUDA machine runs (there with the celeba preset, fp16 and compile too)
+    tiny = ["--image_size", "16", "--hidden", "8", "--res_hidden", "4", "--res_blocks", "1", "--codebook_size", "8",
+            "--batch_size", "2", "--num_workers", "0"]
+    rows, launched = bench.gpu_check(1, torch.device("cpu"), dataset="shapes", models=["vqvae"],
+                                     dtypes=["float32", "bfloat16"], compiles=[False], extra=tiny, ranks=2)
+    assert [r[:3] for r in rows] == [["vqvae", "float32", "no"], ["vqvae", "bfloat16", "no"]]
+    assert all(float(r[3]) > 0 and r[4].endswith("%") for r in rows)
+    assert launched == [["vqvae", "torchrun, 2 rank(s), 4 steps", "ok"]]
+    assert "| model | dtype | compiled | images/s | quantizer share | sync check |" in capsys.readouterr().out
