@@ -1,6 +1,7 @@
 """
 Benchmarks that print numbers: the quantizer's forward+backward time and peak extra memory at given (N, K, D), next
-to vector-quantize-pytorch's at matched settings when that package is installed; a model's training throughput in
+to vector-quantize-pytorch's at matched settings when that package is installed, and its nearest-code search next to
+faiss's exact search (IndexFlatL2, CPU) when faiss-cpu is installed; a model's training throughput in
 images/s and the share of its step spent in the quantizer; the data loader's throughput. On the current device.
 
   python bench.py                                        # default quantizer sizes, then vqvae training throughput
@@ -31,7 +32,7 @@ import train
 import vqvae2
 from vqvae import VectorQuantizer
 
-DEFAULT_SIZES = [(16384, 512, 64), (65536, 8192, 8), (65536, 65536, 8)]
+DEFAULT_SIZES = [(16384, 512, 64), (65536, 8192, 8), (65536, 65536, 8), (65536, 4096, 2)]
 
 
 def sync(device):
@@ -120,6 +121,27 @@ def peer(K, D, z, device):
     return vq, call
 
 
+def faiss_search(vq, z, device):
+    """faiss's exact search (IndexFlatL2) for the nearest of our codebook's codes to every row of z, with as many
+    threads as torch: (call, codes of the call), or None when faiss is not installed (a benchmark-only comparator,
+    never needed) or the device is not a CPU."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    if device.type != "cpu":
+        return None
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    index = faiss.IndexFlatL2(vq.dim)
+    index.add(vq.codebook.detach().float().numpy())
+    queries = z.detach().float().numpy()
+    found = []
+
+    def call():
+        found[:] = [torch.from_numpy(index.search(queries, 1)[1][:, 0])]
+    return call, found
+
+
 @torch.no_grad()
 def same_codes(vq, other, z, rows=4096):
     """The fraction of the first `rows` vectors of z for which the two quantizers, both in eval mode and holding our
@@ -141,25 +163,40 @@ def limit_memory(gib):
 
 
 def compare_quantizers(sizes, device, repeat):
-    """Time and peak memory of ours and, when installed, of vector-quantize-pytorch's, size by size in turn."""
-    print(f"{'N':>6} {'K':>6} {'D':>3}  {'ours ms':>8} {'MiB':>6}  {'peer ms':>8} {'MiB':>6}  "
-          f"{'speed-up':>8} {'mem ratio':>9}  same codes")
+    """For each size, one table row: our training forward+backward (time, peak extra memory) and, when installed,
+    vector-quantize-pytorch's at matched settings; our nearest-code search alone (eval mode) and, on a CPU with
+    faiss installed, faiss's exact search over the same codebook and vectors, with the share of vectors where the
+    two choose the same code."""
+    print(f"{'N':>6} {'K':>6} {'D':>3}  {'ours ms':>8} {'MiB':>5}  {'peer ms':>8} {'MiB':>5} {'x':>5} {'same':>7}  "
+          f"{'search ms':>9} {'MiB':>5}  {'faiss ms':>8} {'MiB':>5} {'ours/faiss':>10} {'same':>7}")
     for N, K, D in sizes:
         vq, z, call = ours(N, K, D, device)
         seconds, peak = measure(call, device, repeat)
-        line = f"{N:>6} {K:>6} {D:>3}  {seconds * 1e3:>8.1f} {peak / 2 ** 20:>6.0f}"
+        line = f"{N:>6} {K:>6} {D:>3}  {seconds * 1e3:>8.1f} {peak / 2 ** 20:>5.0f}"
         other, other_call = peer(K, D, z, device)
         if other is None:
-            print(line + "  (vector-quantize-pytorch not installed)", flush=True)
-            continue
-        try:
-            other_seconds, other_peak = measure(other_call, device, repeat)
-        except RuntimeError as err:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
-            print(line + f"  peer failed: {str(err).splitlines()[0][:70]}", flush=True)
-            continue
-        agree = same_codes(vq, other, z)
-        print(line + f"  {other_seconds * 1e3:>8.1f} {other_peak / 2 ** 20:>6.0f}  {other_seconds / seconds:>7.1f}x "
-              f"{other_peak / max(peak, 1):>8.1f}x  {agree:.4%}", flush=True)
+            line += f"  {'(vector-quantize-pytorch not installed)':>38}"
+        else:
+            try:
+                other_seconds, other_peak = measure(other_call, device, repeat)
+                line += (f"  {other_seconds * 1e3:>8.1f} {other_peak / 2 ** 20:>5.0f} {other_seconds / seconds:>4.1f}x"
+                         f" {same_codes(vq, other, z):>7.2%}")
+            except RuntimeError as err:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
+                line += f"  peer failed: {str(err).splitlines()[0][:30]:<25}"
+        vq.eval()
+        codes = []
+        search_seconds, search_peak = measure(lambda: codes.__setitem__(slice(None), [vq.encode(z.detach())]),
+                                              device, repeat)
+        line += f"  {search_seconds * 1e3:>9.1f} {search_peak / 2 ** 20:>5.0f}"
+        found = faiss_search(vq, z, device)
+        if found is None:
+            line += "  (faiss not installed, or not a CPU)"
+        else:
+            faiss_seconds, faiss_peak = measure(found[0], device, repeat)
+            agree = float((found[1][0] == codes[0].cpu()).float().mean())
+            line += (f"  {faiss_seconds * 1e3:>8.1f} {faiss_peak / 2 ** 20:>5.0f} "
+                     f"{search_seconds / faiss_seconds:>9.1f}x {agree:>7.2%}")
+        print(line, flush=True)
 
 
 def bench_training(argv, steps, device):
