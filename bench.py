@@ -10,7 +10,7 @@ images/s and the share of its step spent in the quantizer; the data loader's thr
   python bench.py --train_only --model vqvae2 --dataset mnist --matched   # vqvae2 and its capacity-matched vqvae
   python bench.py --train_only --model prior --tokenizer out/pqvae_mnist/ckpt.pt  # a prior, and its tokenizer's share
   python bench.py --loading 0,2,4 --dataset celeba --data_dir DIR        # images/s of the loader, per worker count
-  python bench.py --gpu_check --steps 10               # a CUDA machine: every model, bf16/fp16, eager/compiled, torchrun
+  python bench.py --gpu_check --steps 10    # a CUDA machine: every model, bf16/fp16, eager/compiled, torchrun
 
 Every flag that is not bench.py's own is a train.py setting (model, dataset, any Config field), resolved as train.py
 resolves it. Training throughput uses random batches of the dataset's shape: it measures the model, not data loading,

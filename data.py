@@ -17,6 +17,7 @@ Image files are decoded whole when read, so a truncated or corrupt one fails the
 skip_unreadable, such a file is named on stderr and its item is None, which collate_readable
 leaves out of the batch. A palette, RGBA, CMYK, 16-bit or colour-to-grayscale conversion is
 said once per kind on stderr.
+
 download(name, data_dir) fetches MNIST, Fashion-MNIST and CIFAR-10; the others must
 be obtained by hand. Every bad or missing input raises DataError, whose message names
 the file or folder and what was expected.
@@ -116,6 +117,7 @@ def get_labels(name, split, data_dir=None):
         if path.is_file():
             return read_idx(path, 2049, 1).astype(np.int64)
     return None
+
 
 def collate_readable(items):
     """A DataLoader's collate_fn for datasets made with skip_unreadable: stacks the items that are not None (the
@@ -317,7 +319,7 @@ CONVERSIONS = {  # PIL modes that lose something on the way to L or RGB: what is
     "I;16": "its 16-bit values are scaled to 8 bits",
     "I": "its 32-bit integer values are read as 16-bit and scaled to 8 bits",
 }
-said = set()  # the kinds of conversion already said in this process
+conversions_said = set()  # the kinds of conversion already said in this process
 
 
 def load_image(path, mode="RGB"):
@@ -331,8 +333,8 @@ def load_image(path, mode="RGB"):
                 image = Image.fromarray(np.round(np.asarray(image, np.float64).clip(0, 65535) / 257).astype(np.uint8))
             if mode == "L" and image.mode not in ("L", "1"):
                 notes.append("its colours are made gray (ITU-R 601 luma)")
-            if notes and (found, mode) not in said:
-                said.add((found, mode))
+            if notes and (found, mode) not in conversions_said:
+                conversions_said.add((found, mode))
                 print(f"note: {path} is a {found} image, read as {mode}: {'; '.join(notes)} "
                       "(said once per kind)", file=sys.stderr, flush=True)
             return image.convert(mode)

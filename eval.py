@@ -32,8 +32,8 @@ For models that can decode from part of their codes (model.partial_decodes(x) ->
 groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse", and a
 PNG strip of the first batch: inputs on top, then one row per partial reconstruction in the model's order.
 With --ablation, for models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g.
-pqvae's ordered codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions left out minus
-the mse with all codes (how much that position carries: large for early codes when codes are ordered).
+pqvae's ordered codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions
+left out minus the mse with all codes (how much that position carries: large for early codes when codes are ordered).
 For models with measurements of their own (model.eval_stats(x) -> {name: tensor}, each a mean over the batch, a
 scalar or one value per position: how often adaptive_vq chooses each codebook, pqvae's entropy of q(z_l | x) per
 position), the split's mean of each, weighted by batch size, under its name. The hook runs under torch.no_grad(); a
@@ -91,7 +91,8 @@ def per_image_ssim(x, x_hat, window=11, sigma=1.5, k1=0.01, k2=0.03):
     An image smaller than the window gets a window of its own size (our choice; SSIM is not defined there)."""
     a, b = (x.double() + 1) / 2, ((x_hat.double() + 1) / 2).clamp(0, 1)
     size = min(window, *a.shape[-2:])
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    offsets = torch.arange(size, dtype=torch.float64, device=a.device) - (size - 1) / 2
+    g = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
     C = a.shape[1]
 
@@ -505,7 +506,7 @@ def evaluate_split(model, ckpt, args, device):
     except ValueError as err:  # nothing readable in the split
         raise SystemExit(f"eval.py: {tcfg['dataset']} {args.split}: {err}") from None
     codes = metrics.pop("_codes")
-    if (train_set is not None and codes is not None) and (train_labels is not None or sizes is not None):
+    if train_set is not None and codes is not None:
         train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size,
                                                    collate_fn=data.collate_readable)
         n_batches = min(len(train_loader), args.max_batches or len(train_loader))  # --max_batches: the train split too
@@ -519,7 +520,7 @@ def evaluate_split(model, ckpt, args, device):
         for name, bits in (("uniform", uniform), ("unigram", unigram)):
             metrics[f"baseline/{name}_bits_per_image"] = bits
             metrics[f"baseline/{name}_bits_per_code"] = bits / len(sizes)
-    if train_labels is not None and codes is not None and "skipped" not in metrics:
+    if train_labels is not None and codes is not None:  # labelled datasets are arrays: no image is ever skipped
         prefixes = prefix_lengths(codes.shape[1])
         predicted = classify_from_codes(train_codes, train_labels[:len(train_codes)], codes, prefixes)
         metrics["classify/n"] = prefixes
@@ -593,7 +594,7 @@ def reconstruct_folder(model, ckpt, args, device):
         mse, ssim = per_image_mse(x, x_hat).cpu(), per_image_ssim(x, x_hat).cpu()
         for (path, name), image, m, s in zip(kept, x_hat.cpu(), mse.tolist(), ssim.tolist()):
             save_image(image, os.path.join(args.out, name))
-            rows.append((os.path.relpath(path, root), name, m, psnr(m), s))
+            rows.append((os.path.relpath(path, root), name, m, psnr(max(m, 1e-12)), s))  # as evaluate's per image
             done.append(os.path.relpath(path, root))
     if not rows:
         raise SystemExit(f"eval.py: no image under {root} could be read" + (f" ({len(skipped)} skipped)"
@@ -601,7 +602,7 @@ def reconstruct_folder(model, ckpt, args, device):
     write_csv(os.path.join(args.out, "reconstructions.csv"), ["file", "output", "mse", "psnr", "ssim"], rows)
     mse = float(np.mean([r[2] for r in rows]))
     summary = {"checkpoint": os.path.abspath(args.ckpt), "images": len(rows), "skipped": skipped, "mse": mse,
-               "psnr": psnr(mse), "psnr_per_image": float(np.mean([min(r[3], 1e9) for r in rows])),
+               "psnr": psnr(mse), "psnr_per_image": float(np.mean([r[3] for r in rows])),
                "ssim": float(np.mean([r[4] for r in rows]))}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

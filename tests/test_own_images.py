@@ -146,7 +146,7 @@ def test_training_curves_are_written_as_csv_and_drawn_when_matplotlib_is_there(t
 # -- data.py: the files users have ------------------------------------------------------------------------------------
 
 def test_conversions_are_said_once_per_kind_and_16_bit_is_scaled(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "said", set())
+    monkeypatch.setattr(data, "conversions_said", set())
     Image.fromarray(np.array([[0, 32896, 65535]], np.uint16)).save(tmp_path / "deep.png")  # 16-bit grayscale
     assert np.asarray(data.load_image(tmp_path / "deep.png", "L")).tolist() == [[0, 128, 255]]
     photo(0, (8, 8)).convert("P").save(tmp_path / "palette.png")
