@@ -64,6 +64,9 @@ class Config:
     # 1/K. The paper scales its threshold with 1/K as well; the fraction is our choice (see WarmupQuantizer)
     respawn_every: int = 10  # steps between respawn checks
     kmeans_iters: int = 10  # Lloyd iterations at the switch
+    switch_init: str = "kmeans"  # the codebook at the switch: "kmeans" on the latents (ours) | "keep" (taming's cold
+    # VQGAN: its uniform U(-1/K, 1/K) start, learned by the codebook loss alone; with respawn_threshold 0, the faithful
+    # cold baseline)
     bank_size: int = 65536  # warm-up latents kept (per rank) for the k-means at the switch and for water-filling
     # warm-up ("continuous first, discrete later")
     warmup_steps: int = 10000  # steps of plain autoencoder training before the switch; 0 is the cold start.
@@ -142,7 +145,8 @@ class WarmupQuantizer(nn.Module):
     k-means cluster sizes. A cold start (no warm-up) is a switch on the first batch, with an empty bank: k-means on
     the untrained encoder's outputs (starting from repeated samples when K exceeds the batch's vectors). Candidly,
     taming's cold VQGAN keeps its uniform initial codebook; we give the cold start the same k-means and respawn as
-    the warm one, so that a comparison of the two measures the warm-up alone.
+    the warm one, so that a comparison of the two measures the warm-up alone. switch_init "keep" with
+    respawn_threshold 0 is taming's cold start itself: the uniform codebook, learned by its loss alone.
 
     Respawn: `usage` is an EMA (decay 0.99) of the fraction of this step's vectors assigned to each code; uniform
     use is 1/K. Every `respawn_every` steps, the codes with usage < respawn_threshold / K move onto random current
@@ -161,12 +165,14 @@ class WarmupQuantizer(nn.Module):
     """
 
     def __init__(self, codebook_size, dim, beta=0.25, usage_decay=0.99, respawn_threshold=0.1, respawn_every=10,
-                 kmeans_iters=10, bank_size=65536):
+                 kmeans_iters=10, bank_size=65536, switch_init="kmeans"):
         super().__init__()
+        if switch_init not in ("kmeans", "keep"):
+            raise ValueError(f"switch_init must be 'kmeans' or 'keep', got {switch_init!r}")
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.usage_decay, self.respawn_threshold, self.respawn_every = usage_decay, respawn_threshold, respawn_every
-        self.kmeans_iters = kmeans_iters
-        # taming's initialisation; overwritten by k-means at the switch
+        self.kmeans_iters, self.switch_init = kmeans_iters, switch_init
+        # taming's initialisation; overwritten by k-means at the switch unless switch_init is "keep"
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
         self.register_buffer("phase", torch.zeros((), dtype=torch.long))  # 0 warm-up, 1 VQ
         self.register_buffer("usage", torch.full((codebook_size,), 1 / codebook_size))  # EMA of assignment fractions
@@ -311,7 +317,15 @@ class WarmupQuantizer(nn.Module):
     def switch(self, z):
         """End the warm-up: k-means on the warm-up bank plus z (N, D), the current batch's latents, initialises every
         code; the usage EMA starts at the k-means cluster sizes (so the empty clusters respawn at the first check).
-        Computed on the gathered vectors of all ranks and broadcast from rank 0."""
+        Computed on the gathered vectors of all ranks and broadcast from rank 0. With switch_init "keep" the codebook
+        stays as it is (taming's cold start) and the usage at uniform."""
+        if self.switch_init == "kmeans":
+            self._kmeans_init(z)
+        self.respawn_step.zero_()
+        self.phase.fill_(1)
+        self._host_phase, self._host_respawn_step = 1, 0
+
+    def _kmeans_init(self, z):
         data = self._gather(torch.cat([self.bank_latents(), z.float()]))  # (n, D), the same on every rank
         idx = torch.randperm(data.shape[0], device=data.device)[:self.codebook_size]
         if idx.numel() < self.codebook_size:  # fewer vectors than codes: start from samples drawn with replacement
@@ -328,9 +342,6 @@ class WarmupQuantizer(nn.Module):
         self._broadcast(counts)
         self.codebook.copy_(codebook)
         self.usage.copy_(counts / counts.sum())
-        self.respawn_step.zero_()
-        self.phase.fill_(1)
-        self._host_phase, self._host_respawn_step = 1, 0
 
     # -- usage EMA and respawn (training mode only; every rank runs the same collectives) ----------------------------
 
@@ -521,7 +532,8 @@ class Model(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.quantizer = WarmupQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, usage_decay=cfg.usage_decay,
                                          respawn_threshold=cfg.respawn_threshold, respawn_every=cfg.respawn_every,
-                                         kmeans_iters=cfg.kmeans_iters, bank_size=cfg.bank_size)
+                                         kmeans_iters=cfg.kmeans_iters, bank_size=cfg.bank_size,
+                                         switch_init=cfg.switch_init)
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
         self.discriminator = (Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)

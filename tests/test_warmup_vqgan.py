@@ -106,6 +106,22 @@ def test_warmup_steps_zero_is_the_cold_start():
     assert int(model.quantizer.bank_count) == 0  # never warmed up: k-means ran on the first batch alone
 
 
+def test_the_faithful_cold_start_keeps_tamings_uniform_codebook_and_learns_it_by_its_loss():
+    torch.manual_seed(0)
+    model = Model(small_config(warmup_steps=0, switch_init="keep", respawn_threshold=0))
+    K = model.cfg.codebook_size
+    start = model.quantizer.codebook.detach().clone()
+    assert start.abs().max() <= 1 / K  # taming's U(-1/K, 1/K)
+    stats = train_steps(model, 1)
+    assert float(stats[0]["phase"]) == 1 and int(model.switch_step) == 0
+    moved = (model.quantizer.codebook.detach() - start).abs().sum(1) > 0
+    # no k-means (which would move all K codes onto the latents): after one step only the codes that vectors chose
+    # have moved, by the optimizer, from the codebook loss
+    assert 0 < int(moved.sum()) < K
+    with pytest.raises(ValueError, match="switch_init"):
+        Model(small_config(switch_init="random"))
+
+
 def test_vq_phase_quantizes_with_straight_through_and_gradients_on_the_right_terms():
     torch.manual_seed(0)
     q = WarmupQuantizer(8, 3, beta=0.25, respawn_threshold=0)
