@@ -189,8 +189,8 @@ class CodebookQuantizer(nn.Module):
 
     def nearest(self, z, codebook=None):
         """Index of the nearest code for each row of z (P, D): (P,). D = 1 takes the sorted path (exact), D = 2 on a
-        CPU the cell path (the chunked path's codes, from far fewer distances), any other D the chunked one (exact up
-        to the float32 rounding of ||e||^2 - 2 z.e); none builds a (P, K) matrix."""
+        CPU the cell path (as exact as the chunked one, from far fewer distances), any other D the chunked one (exact
+        up to the float32 rounding of ||e||^2 - 2 z.e); none builds a (P, K) matrix."""
         e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
         z = z.detach().float()
         if self.dim == 1:
@@ -220,9 +220,12 @@ class CodebookQuantizer(nn.Module):
         in each cell, compare only the codes that can be nearest to some point of the box around the cell's rows: a
         code whose smallest distance to the box exceeds the largest distance from the box to some other code never
         is. Our addition, not the paper's: the chunked path costs P * K distances, most of a CPU step for [2048, 2].
-        Among the candidates, in index order, the distances are the chunked path's, so the codes are too (the slack
-        below keeps every code within float32 rounding of the best). It reads sizes on the host, once per cell:
-        free on a CPU, a synchronisation on a GPU, which takes the chunked path."""
+        Among the candidates, in index order, the distances are the chunked path's ||e||^2 - 2 z.e, so the codes are
+        as exact as its (up to float32 rounding; the slack below keeps every code within that rounding of the best a
+        candidate). It reads sizes on the host, once per cell: free on a CPU, a synchronisation on a GPU, which takes
+        the chunked path; so does a z that is not finite (no code is then a candidate)."""
+        if not bool(torch.isfinite(z).all()):
+            return self._nearest_chunked(z, e)
         P = z.shape[0]
         G = max(1, round(math.sqrt(P / per_cell)))  # G x G cells
         lo, hi = z.min(0).values, z.max(0).values
@@ -231,16 +234,23 @@ class CodebookQuantizer(nn.Module):
         e_sq = (e * e).sum(-1)  # (K,)
         slack = 1e-5 * (z.abs().max() ** 2 + e.abs().max() ** 2)  # above float32 rounding of ||e||^2 - 2 z.e
         codes = torch.empty(P, dtype=torch.long)
-        for rows in key.argsort().split(torch.bincount(key, minlength=G * G).tolist()):
-            if len(rows) == 0:
-                continue
-            zc = z[rows]  # (c, 2)
-            box_lo, box_hi = zc.min(0).values, zc.max(0).values
-            near = ((box_lo - e).clamp(min=0) + (e - box_hi).clamp(min=0)).pow(2).sum(-1)  # (K,) box to code, least
-            far = torch.maximum(e - box_lo, box_hi - e).pow(2).sum(-1)  # (K,) and most
-            candidates = (near <= far.min() + slack).nonzero()[:, 0]  # (k,) in index order: ties to the lowest
-            d = torch.addmm(e_sq[candidates], zc, e[candidates].t(), alpha=-2.0)  # (c, k)
-            codes[rows] = candidates[d.argmin(-1)]
+        threads = torch.get_num_threads()
+        # one thread: each cell's operations are small, so more threads only add their synchronisation, which on a
+        # loaded machine turns into waiting (16 s instead of 0.2 s at 262,144 x 2,048 on 2 busy cores)
+        torch.set_num_threads(1)
+        try:
+            for rows in key.argsort().split(torch.bincount(key, minlength=G * G).tolist()):
+                if len(rows) == 0:
+                    continue
+                zc = z[rows]  # (c, 2)
+                box_lo, box_hi = zc.min(0).values, zc.max(0).values
+                near = ((box_lo - e).clamp(min=0) + (e - box_hi).clamp(min=0)).pow(2).sum(-1)  # (K,) box to code
+                far = torch.maximum(e - box_lo, box_hi - e).pow(2).sum(-1)  # (K,) farthest point of the box
+                candidates = (near <= far.min() + slack).nonzero()[:, 0]  # (k,) in index order: ties to the lowest
+                d = torch.addmm(e_sq[candidates], zc, e[candidates].t(), alpha=-2.0)  # (c, k)
+                codes[rows] = candidates[d.argmin(-1)]
+        finally:
+            torch.set_num_threads(threads)
         return codes
 
     @staticmethod

@@ -123,7 +123,7 @@ def peer(K, D, z, device):
 
 def faiss_search(vq, z, device):
     """faiss's exact search (IndexFlatL2) for the nearest of our codebook's codes to every row of z, with as many
-    threads as torch: (call, codes of the call), or None when faiss is not installed (a benchmark-only comparator,
+    threads as torch: a call returning the codes, or None when faiss is not installed (a benchmark-only comparator,
     never needed) or the device is not a CPU."""
     try:
         import faiss
@@ -135,11 +135,7 @@ def faiss_search(vq, z, device):
     index = faiss.IndexFlatL2(vq.dim)
     index.add(vq.codebook.detach().float().numpy())
     queries = z.detach().float().numpy()
-    found = []
-
-    def call():
-        found[:] = [torch.from_numpy(index.search(queries, 1)[1][:, 0])]
-    return call, found
+    return lambda: torch.from_numpy(index.search(queries, 1)[1][:, 0])
 
 
 @torch.no_grad()
@@ -184,16 +180,14 @@ def compare_quantizers(sizes, device, repeat):
             except RuntimeError as err:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
                 line += f"  peer failed: {str(err).splitlines()[0][:30]:<25}"
         vq.eval()
-        codes = []
-        search_seconds, search_peak = measure(lambda: codes.__setitem__(slice(None), [vq.encode(z.detach())]),
-                                              device, repeat)
+        search_seconds, search_peak = measure(lambda: vq.encode(z.detach()), device, repeat)
         line += f"  {search_seconds * 1e3:>9.1f} {search_peak / 2 ** 20:>5.0f}"
-        found = faiss_search(vq, z, device)
-        if found is None:
+        search = faiss_search(vq, z, device)
+        if search is None:
             line += "  (faiss not installed, or not a CPU)"
         else:
-            faiss_seconds, faiss_peak = measure(found[0], device, repeat)
-            agree = float((found[1][0] == codes[0].cpu()).float().mean())
+            faiss_seconds, faiss_peak = measure(search, device, repeat)
+            agree = float((search() == vq.encode(z.detach()).cpu()).float().mean())
             line += (f"  {faiss_seconds * 1e3:>8.1f} {faiss_peak / 2 ** 20:>5.0f} "
                      f"{search_seconds / faiss_seconds:>9.1f}x {agree:>7.2%}")
         print(line, flush=True)
@@ -220,7 +214,6 @@ def bench_training(argv, steps, device):
 
     for _ in range(3):  # warm-up: data init, compilation, allocator
         one_step()
-    verdict = sync_check(one_step) if device.type == "cuda" else None
     seconds = timed(one_step, steps, device)
     if hasattr(model, "tokenizer"):  # a prior: the share of its step spent in the frozen tokenizer's encode
         part = "the frozen tokenizer"
@@ -228,6 +221,8 @@ def bench_training(argv, steps, device):
     else:
         part = "the quantizer"
         share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
+    # last: a step that raises mid-way (a synchronisation) leaves the optimizer and scaler unusable for timing
+    verdict = sync_check(one_step) if device.type == "cuda" else None
     return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share, part, verdict
 
 
@@ -275,9 +270,12 @@ def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16"
                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", model,
                    "--image_size", "64", "--max_iters", "4", "--eval_interval", "4", "--eval_batches", "1",
                    "--ckpt_interval", "4", "--out_dir", out, *extra]
-            run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            verdict = "ok" if run.returncode == 0 else f"failed ({run.returncode}): " + \
-                (run.stderr.strip().splitlines() or [""])[-1][:100]
+            try:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                verdict = "ok" if run.returncode == 0 else f"failed ({run.returncode}): " + \
+                    (run.stderr.strip().splitlines() or [""])[-1][:100]
+            except subprocess.TimeoutExpired:
+                verdict = "failed: no end within 300 s"
             launched.append([model, f"torchrun, {ranks} rank(s), 4 steps", verdict])
             print(" | ".join(launched[-1]), flush=True)
     print(f"\n| model | dtype | compiled | images/s | quantizer share | sync check |\n|---|---|---|---:|---:|---|")
@@ -330,7 +328,8 @@ def bench_loading(argv, batches, workers):
     for n in workers:
         tcfg, mcfg, _, _ = train.resolve_config(argv + ["--num_workers", str(n)])
         loader, _, sampler = train.make_loaders(tcfg, mcfg, torch.device("cpu"), 0, 1)
-        stream = train.batches(loader, sampler, tcfg.batch_size, 0, skipped=[0])
+        stream = train.batches(loader, sampler, tcfg.batch_size, 0, train.Unreadable(),
+                               (mcfg.in_channels, mcfg.image_size, mcfg.image_size))
         next(stream)  # workers started, files opened
         t0 = time.perf_counter()
         for _ in range(batches):

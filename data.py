@@ -132,11 +132,12 @@ class Shapes(Dataset):
     """1-3 solid ellipses, rectangles and triangles on a linear gradient, seeded by index."""
 
     LENGTHS = {"train": 20_000, "val": 1_000, "test": 1_000}
+    mode = "RGB"  # get_dataset sets the one asked for
     # seeds come from disjoint ranges, so no image appears in two splits
     SEED_OFFSETS = {"train": 0, "val": 10_000_000, "test": 20_000_000}
 
     def __init__(self, split, image_size):
-        self.split, self.image_size, self.mode = split, image_size, "RGB"
+        self.split, self.image_size = split, image_size
 
     def __len__(self):
         return self.LENGTHS[self.split]
@@ -184,8 +185,10 @@ def gradient(rng, size):
 class ArrayImages(Dataset):
     """Images held as a uint8 array (N, H, W) or (N, H, W, C), resized and converted one at a time."""
 
+    mode = "RGB"  # get_dataset sets the one asked for
+
     def __init__(self, images, image_size):
-        self.images, self.image_size, self.mode = images, image_size, "L" if images.ndim == 3 else "RGB"
+        self.images, self.image_size = images, image_size
 
     def __len__(self):
         return len(self.images)
@@ -292,9 +295,10 @@ class ImageFiles(Dataset):
     """Image files, decoded to `mode` ("RGB" or "L") and passed through transform(image, image_size). `note`, when
     set, says something the user should know about where the images come from."""
 
+    mode, skip_unreadable = "RGB", False  # get_dataset sets the ones asked for
+
     def __init__(self, paths, image_size, transform, note=None):
         self.paths, self.image_size, self.transform, self.note = paths, image_size, transform, note
-        self.mode, self.skip_unreadable = "RGB", False
 
     def __len__(self):
         return len(self.paths)

@@ -55,11 +55,14 @@ raster order for grids) and reports
 """
 
 import argparse
+import collections
 import csv
+import hashlib
 import itertools
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -278,8 +281,9 @@ def evaluate(model, loader, device, autocast=None, max_batches=None, max_latents
     model.eval()
     mse_sum = n_images = 0.0
     px_sum = px_sq_sum = None  # per-pixel sums for the mean-image baseline
-    per_image_psnr, per_image_ssims, counts, latents, codebooks, partial_sse, grid, strip = [], [], {}, {}, {}, {}, \
-        None, None
+    per_image_psnr, per_image_ssims = [], []
+    counts, latents, codebooks, partial_sse = {}, {}, {}, {}  # per codebook, or per partial decode
+    grid = strip = None
     ablation_sse = {}  # position -> summed increase of the per-image mse when that code is left out
     stat_sums = {}  # name -> sum over batches of (the model's own batch-mean measurement) x (batch size)
     sequences = []  # each batch's codes, (B, n), with diagnostics
@@ -559,61 +563,66 @@ def reconstruct_folder(model, ckpt, args, device):
     """eval.py --images DIR --out OUT [--codes]: see main's help. Unreadable files are named and skipped; exits
     non-zero only when no image could be read."""
     import data
-    root = args.images
+    root, out = os.path.abspath(args.images), os.path.abspath(args.out)
     if not os.path.isdir(root):
-        raise SystemExit(f"eval.py: --images {root} is not a folder")
+        raise SystemExit(f"eval.py: --images {args.images} is not a folder")
+    if os.path.commonpath([root, out]) == root:  # the outputs would land among (or over) the inputs
+        raise SystemExit(f"eval.py: --out {args.out} lies inside --images {args.images}: choose a folder outside it")
+    if getattr(model, "tokenizer", None) is not None:
+        raise SystemExit(f"eval.py: {args.ckpt} is a {ckpt['train_config']['model']}, which does not reconstruct: "
+                         "give its tokenizer's checkpoint")
     paths = data.list_images(root)
-    others = sum(1 for _, _, files in os.walk(root) for _ in files) - len(paths)
+    if not paths:
+        raise SystemExit(f"eval.py: no image files under {args.images} (ending in {' '.join(data.IMAGE_EXTENSIONS)})")
+    others = sum(len(files) for _, _, files in os.walk(root)) - len(paths)
     if others:
-        print(f"note: {others} files under {root} do not end in {' '.join(data.IMAGE_EXTENSIONS)} and are left out")
+        print(f"note: {others} files under {args.images} do not end in {' '.join(data.IMAGE_EXTENSIONS)} and are "
+              "left out")
     layout = code_layout(model) if args.codes else None
     mcfg = ckpt["model_config"]
     mode, size = "L" if mcfg.get("in_channels") == 1 else "RGB", mcfg["image_size"]
     transform = data.input_transform(ckpt["train_config"]["dataset"])
-    names = output_names([os.path.relpath(path, root) for path in paths])
-    rows, skipped, sequences, done = [], [], [], []
+    files = [os.path.relpath(path, root) for path in paths]
+    names = output_names(files)
+    rows, skipped, sequences = [], [], []  # rows: (file, output, mse, psnr, ssim) of each image read
     for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstructing", unit="batch"):
         images, kept = [], []
-        for path, name in zip(paths[start:start + args.batch_size], names[start:start + args.batch_size]):
+        for i in range(start, min(start + args.batch_size, len(paths))):
             try:
-                images.append(data.to_tensor(transform(data.load_image(path, mode), size), mode))
-                kept.append((path, name))
+                images.append(data.to_tensor(transform(data.load_image(paths[i], mode), size), mode))
+                kept.append(i)
             except data.DataError as err:
-                tqdm.write(f"warning: skipped {err}")
-                skipped.append(os.path.relpath(path, root))
+                tqdm.write(f"warning: skipped {err}", file=sys.stderr)
+                skipped.append(files[i])
         if not images:
             continue
         x = torch.stack(images).to(device)
         with torch.no_grad():
             x_hat = model(x)[0]
-            if x_hat is None:
-                raise SystemExit(f"eval.py: {args.ckpt} is a {ckpt['train_config']['model']}, which does not "
-                                 "reconstruct: give its tokenizer's checkpoint")
             if layout is not None:
                 sequences.append(code_sequence(model.encode(x)).cpu())
-        mse, ssim = per_image_mse(x, x_hat).cpu(), per_image_ssim(x, x_hat).cpu()
-        for (path, name), image, m, s in zip(kept, x_hat.cpu(), mse.tolist(), ssim.tolist()):
-            save_image(image, os.path.join(args.out, name))
-            rows.append((os.path.relpath(path, root), name, m, psnr(max(m, 1e-12)), s))  # as evaluate's per image
-            done.append(os.path.relpath(path, root))
+        mse, ssim = per_image_mse(x, x_hat).cpu().tolist(), per_image_ssim(x, x_hat).cpu().tolist()
+        for i, image, m, s in zip(kept, x_hat.cpu(), mse, ssim):
+            save_image(image, os.path.join(out, names[i]))
+            rows.append((files[i], names[i], m, psnr(max(m, 1e-12)), s))  # the per-image PSNR as evaluate's
     if not rows:
-        raise SystemExit(f"eval.py: no image under {root} could be read" + (f" ({len(skipped)} skipped)"
-                                                                            if skipped else ""))
-    write_csv(os.path.join(args.out, "reconstructions.csv"), ["file", "output", "mse", "psnr", "ssim"], rows)
+        raise SystemExit(f"eval.py: no image under {args.images} could be read ({len(skipped)} skipped)")
+    write_csv(os.path.join(out, "reconstructions.csv"), ["file", "output", "mse", "psnr", "ssim"], rows)
     mse = float(np.mean([r[2] for r in rows]))
-    summary = {"checkpoint": os.path.abspath(args.ckpt), "images": len(rows), "skipped": skipped, "mse": mse,
-               "psnr": psnr(mse), "psnr_per_image": float(np.mean([r[3] for r in rows])),
-               "ssim": float(np.mean([r[4] for r in rows]))}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    summary = {"checkpoint": os.path.abspath(args.ckpt), "images": len(rows), "skipped": len(skipped),
+               "skipped_files": skipped, "mse": mse, "psnr": psnr(mse),
+               "psnr_per_image": float(np.mean([r[3] for r in rows])), "ssim": float(np.mean([r[4] for r in rows]))}
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(format_table({k: v for k, v in summary.items() if k not in ("checkpoint", "skipped")}))
+    print(format_table({k: v for k, v in summary.items() if k not in ("checkpoint", "skipped_files")}))
     if layout is not None:
         codes = torch.cat(sequences).numpy()
-        np.save(os.path.join(args.out, "codes.npy"), codes.astype(np.int32))
-        with open(os.path.join(args.out, "codes.json"), "w") as f:
-            json.dump({"checkpoint": os.path.abspath(args.ckpt), "model": ckpt["train_config"]["model"],
-                       "model_config": ckpt["model_config"], "code_layout": [[list(s), k] for s, k in layout],
-                       "files": done}, f, indent=1)
+        np.save(os.path.join(out, "codes.npy"), codes.astype(np.int32))
+        with open(os.path.join(out, "codes.json"), "w") as f:
+            json.dump({"checkpoint": os.path.abspath(args.ckpt), "weights_sha256": fingerprint(model),
+                       "model": ckpt["train_config"]["model"], "model_config": ckpt["model_config"],
+                       "code_layout": [[list(shape), k] for shape, k in layout], "files": [r[0] for r in rows]},
+                      f, indent=1)
         print(f"wrote {os.path.join(args.out, 'codes.npy')}: {codes.shape[0]} images x {codes.shape[1]} codes")
     print(f"wrote {len(rows)} reconstructions, reconstructions.csv and summary.json to {args.out}"
           + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
@@ -623,10 +632,14 @@ def reconstruct_folder(model, ckpt, args, device):
 def decode_codes(model, ckpt, args, device):
     """eval.py --decode CODES.npy --out OUT: one PNG per row of codes, named as the codes.json beside it says."""
     try:
-        codes = torch.from_numpy(np.load(args.decode, allow_pickle=False)).long()
+        array = np.load(args.decode, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise SystemExit(f"eval.py: cannot read codes from {args.decode}: {err}") from None
-    sizes = model.code_sizes.cpu() if hasattr(model, "code_sizes") else position_sizes(code_layout(model))
+    if not np.issubdtype(array.dtype, np.integer):
+        raise SystemExit(f"eval.py: {args.decode} holds {array.dtype} values; codes are integers")
+    codes = torch.from_numpy(array).long()
+    tokenizer = getattr(model, "tokenizer", None)  # a prior decodes through its tokenizer
+    sizes = model.code_sizes.cpu() if tokenizer is not None else position_sizes(code_layout(model))
     if codes.ndim != 2 or codes.shape[1] != len(sizes):
         raise SystemExit(f"eval.py: {args.decode} holds an array of shape {tuple(codes.shape)}; this model's codes "
                          f"are (images, {len(sizes)})")
@@ -637,15 +650,18 @@ def decode_codes(model, ckpt, args, device):
                          f"outside 0..{int(sizes[col]) - 1}")
     meta_path = os.path.splitext(args.decode)[0] + ".json"
     names = [f"{i:06d}.png" for i in range(len(codes))]
-    if os.path.isfile(meta_path):
+    if os.path.isfile(meta_path):  # written by --codes: the tokenizer's weights must be the ones that encoded
         with open(meta_path) as f:
             meta = json.load(f)
-        if meta.get("model_config") != json.loads(json.dumps(ckpt["model_config"])):  # as JSON: tuples are lists
-            raise SystemExit(f"eval.py: {args.decode} holds the codes of {meta.get('checkpoint')}, whose model "
-                             f"differs from {args.ckpt}'s")
+        if meta.get("weights_sha256") != fingerprint(tokenizer or model):
+            raise SystemExit(f"eval.py: {args.decode} holds the codes of {meta.get('checkpoint')}, whose weights "
+                             f"differ from those {args.ckpt} decodes with")
         if len(meta.get("files", [])) == len(codes):
             names = output_names(meta["files"])
-    decode = model.decode if hasattr(model, "code_sizes") else lambda seq: model.decode(
+        else:
+            print(f"note: {meta_path} names {len(meta.get('files', []))} files for {len(codes)} rows of codes: the "
+                  "images are numbered instead")
+    decode = model.decode if tokenizer is not None else lambda seq: model.decode(
         sequence_to_codes(seq, model.code_layout()))
     for start in tqdm(range(0, len(codes), args.batch_size), desc="decoding", unit="batch"):
         with torch.no_grad():
@@ -656,6 +672,15 @@ def decode_codes(model, ckpt, args, device):
     return len(codes)
 
 
+def fingerprint(model):
+    """sha256 of a model's weights and buffers (its state dict, in key order): which weights made a set of codes."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def code_layout(model):
     """The model's code_layout(), or a clear exit for a model whose codes have no fixed layout."""
     if not hasattr(model, "code_layout"):
@@ -663,7 +688,7 @@ def code_layout(model):
     try:
         return model.code_layout()
     except ValueError as err:  # adaptive_vq, or warmup_vqgan before its switch
-        raise SystemExit(f"eval.py: {err}") from None
+        raise SystemExit(f"eval.py: no codes to write or read: {err}") from None
 
 
 def position_sizes(layout):
@@ -672,10 +697,19 @@ def position_sizes(layout):
 
 
 def output_names(files):
-    """Input file names (relative) -> output PNG names: the same name with .png, or with .png added where two inputs
-    would otherwise share one (a.jpg and a.png)."""
-    stems = [os.path.splitext(f)[0] for f in files]
-    return [f"{stem}.png" if stems.count(stem) == 1 else f"{f}.png" for stem, f in zip(stems, files)]
+    """Input file names (relative) -> distinct output PNG names: the same name with .png for its extension, or with
+    .png added where two inputs share a stem (a.jpg and a.png), and _2, _3, ... where that still collides."""
+    stems = collections.Counter(os.path.splitext(f)[0] for f in files)
+    names, taken = [], set()
+    for f in files:
+        stem = os.path.splitext(f)[0] if stems[os.path.splitext(f)[0]] == 1 else f
+        name, n = f"{stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{stem}_{n}.png"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def save_image(image, path):
@@ -734,17 +768,17 @@ def draw_curves(log_path, out_dir):
                                           if isinstance(v, (int, float)) and k not in ("step", "split")})
     write_csv(os.path.join(out_dir, "curves.csv"), columns, [[r.get(c, "") for c in columns] for r in records])
 
-    def series(split, key):
+    def series(split, key):  # (steps, values) of one logged number; short ones get markers, or one point shows not
         points = [(r["step"], r[key]) for r in records if r.get("split") == split
                   and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
-        return [p[0] for p in points], [p[1] for p in points]
+        return [p[0] for p in points], [p[1] for p in points], "-" if len(points) > 20 else ".-"
 
     panels = []
     for title, wanted in (("loss", lambda k: k in ("loss", "bits_per_code")), ("PSNR (dB)", lambda k: k == "psnr"),
                           ("perplexity", lambda k: k.endswith("perplexity")),
                           ("effective dimension (99%) of the latents", lambda k: k.endswith("eff_dim_99_latent"))):
-        lines = [(f"{split} {key}", *series(split, key), "-") for key in columns[2:] if wanted(key)
-                 for split in ("train", "val") if series(split, key)[0]]
+        lines = [(f"{split} {key}", *line) for key in columns[2:] if wanted(key) for split in ("train", "val")
+                 for line in [series(split, key)] if line[0]]
         if lines:
             panels.append((title, "step", "", lines))
     plot(os.path.join(out_dir, "curves.png"), log_path, panels)

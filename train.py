@@ -423,23 +423,34 @@ def make_loaders(tcfg, mcfg, device, rank, world):
     return train_loader, val_loader, sampler
 
 
-def batches(loader, sampler, batch_size, start, skipped):
+@dataclasses.dataclass
+class Unreadable:
+    """The unreadable training images this rank has met (see batches), and what broke a batch, if one was."""
+    images: int = 0
+    broken: str = ""
+
+
+def batches(loader, sampler, batch_size, start, unreadable, image_shape):
     """Endless stream of batches, from the `start`-th batch of the run on (epochs of len(sampler.base) // batch_size
     batches): a resumed run sees the batches the uninterrupted run would have seen.
 
-    A batch with unreadable images (left out by data.collate_readable) is filled up by repeating its readable ones,
-    so that every batch, on every rank, keeps its shape; skipped[0] counts the images left out. When more than half
-    of one batch is unreadable, the data is broken rather than a file or two: DataError stops the run."""
+    A batch with unreadable images (left out by data.collate_readable) is filled up by repeating its readable ones
+    (one with none becomes black images of `image_shape`), so that every batch on every rank keeps its shape and every
+    rank takes the step; `unreadable` counts the images left out. When more than half of one batch is unreadable,
+    the data is broken rather than a file or two: unreadable.broken says so, and the ranks stop together after this
+    step (agree)."""
     per_epoch = len(sampler.base) // batch_size
     sampler.epoch, skip = divmod(start, per_epoch)
     sampler.skip = skip * batch_size
     while True:
         for x in loader:
             missing = batch_size - len(x)
+            unreadable.images += missing
             if missing > batch_size // 2:
-                raise data.DataError(f"{missing} of the {batch_size} images of one batch are unreadable (named above)")
-            skipped[0] += missing
-            yield x[torch.arange(batch_size) % len(x)] if missing else x
+                unreadable.broken = f"{missing} of the {batch_size} images of one batch are unreadable (named above)"
+            if missing:
+                x = x[torch.arange(batch_size) % len(x)] if len(x) else torch.zeros(batch_size, *image_shape)
+            yield x
         sampler.epoch, sampler.skip = sampler.epoch + 1, 0
 
 
@@ -599,8 +610,9 @@ def main(argv=None):
         model = torch.compile(model)
 
     train_loader, val_loader, sampler = make_loaders(tcfg, mcfg, device, rank, world)
-    skipped = [0]  # unreadable training images left out so far, in this process
-    stream = batches(train_loader, sampler, tcfg.batch_size, step * tcfg.grad_accum, skipped)
+    unreadable = Unreadable(images=ckpt.get("unreadable_images", 0) if ckpt is not None and master else 0)
+    stream = batches(train_loader, sampler, tcfg.batch_size, step * tcfg.grad_accum, unreadable,
+                     (mcfg.in_channels, mcfg.image_size, mcfg.image_size))
 
     config = {"train": dataclasses.asdict(tcfg), "model": dataclasses.asdict(mcfg)}
     if master:
@@ -620,8 +632,10 @@ def main(argv=None):
             log_file.flush()
 
     def checkpoint():
+        skipped = summed(unreadable.images, world, device)  # called by every rank alike, like the saves
         if master:
             save_checkpoint({
+                "unreadable_images": skipped,
                 "model": raw_model.state_dict(),
                 "optimizers": [o.state_dict() for o in optimizers],
                 "scalers": [s.state_dict() for s in scalers],
@@ -633,7 +647,11 @@ def main(argv=None):
             }, ckpt_path)
 
     def validate():
-        metrics = evaluation.evaluate(raw_model, val_loader, device, autocast, max_batches=tcfg.eval_batches)
+        try:
+            metrics = evaluation.evaluate(raw_model, val_loader, device, autocast, max_batches=tcfg.eval_batches)
+        except ValueError as err:  # not one readable image in the validation batches: training goes on
+            tqdm.write(f"warning: step {step}: no validation: {err}")
+            return
         grid = metrics.pop("_grid")
         if grid is not None:
             evaluation.save_grid(*grid, os.path.join(tcfg.out_dir, f"recon_{step:06d}.png"))
@@ -684,7 +702,7 @@ def main(argv=None):
             bar.update(1)
 
             done = step == tcfg.max_iters
-            stop_now = agree(stop, bad, world)
+            stop_now, broken = agree(stop, bad, unreadable, world)
             log_now = step % tcfg.log_interval == 0 or done
             save_now = step % tcfg.ckpt_interval == 0 or done or stop_now
             if (log_now or save_now) and bad:  # the only host sync of the step: at log and checkpoint steps
@@ -693,8 +711,9 @@ def main(argv=None):
                 last_stats = {k: float(v) for k, v in stats.items()}
                 record = {"step": step, "split": "train", "loss": float(loss.detach()), "lr": lr,
                           "time": round(time.time() - t0, 2), **last_stats}
-                if skipped[0]:
-                    record["skipped_images"] = skipped[0]
+                skipped = summed(unreadable.images, world, device)  # every rank's, since the run began
+                if skipped:
+                    record["skipped_images"] = skipped
                 if "recon" in last_stats:  # recon is MSE on [-1, 1]: /4 for [0, 1]
                     record["psnr"] = evaluation.psnr(last_stats["recon"] / 4)
                 log(record)
@@ -706,6 +725,8 @@ def main(argv=None):
                 checkpoint()
             if master and (step % tcfg.eval_interval == 0 or done):
                 validate()
+            if broken:  # the checkpoint of this step is saved: say why the run stops
+                raise data.DataError(unreadable.broken or "a batch on another rank was mostly unreadable")
             if stop_now:
                 if master:
                     tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
@@ -715,11 +736,8 @@ def main(argv=None):
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
-    except data.DataError as err:  # a batch of mostly unreadable images: the model is fine, save it and say so
-        if not bad:
-            checkpoint()
-        message = str(err).strip().splitlines()[-1]  # from a worker, the last line of its traceback names the file
-        raise SystemExit(f"train.py: {message} (checkpoint of step {step} in {ckpt_path})") from None
+    except data.DataError as err:  # mostly unreadable data: the model is fine and its checkpoint saved
+        raise SystemExit(f"train.py: {err} (checkpoint of step {step} in {ckpt_path})") from None
     finally:
         bar.close()
         stop.restore()
@@ -750,15 +768,26 @@ def trim_log(path, step):
     os.replace(path + ".tmp", path)
 
 
-def agree(stop, bad, world):
-    """Whether to stop now. Under DDP every rank must decide alike, or one would wait forever in a collective: the
-    stop request and the non-finite flag (set in place) are maxed over the ranks, one small all-reduce per step."""
+def agree(stop, bad, unreadable, world):
+    """(stop now, a batch was mostly unreadable). Under DDP every rank must decide alike, or one would wait forever in
+    a collective: the stop request, the non-finite flag (set in place) and the broken batch are maxed over the ranks,
+    one small all-reduce per step."""
     if world == 1:
-        return stop.requested
-    flags = torch.stack([torch.tensor(float(stop.requested), device=bad.device), bad.float()])
+        return stop.requested or bool(unreadable.broken), bool(unreadable.broken)
+    flags = torch.tensor([float(stop.requested), 0.0, float(bool(unreadable.broken))], device=bad.device)
+    flags[1] = bad.float()
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad.copy_(flags[1] > 0)
-    return bool(flags[0])
+    return bool(flags[0] or flags[2]), bool(flags[2])
+
+
+def summed(count, world, device):
+    """An integer count summed over the ranks (an all-reduce under DDP, so every rank calls it alike)."""
+    if world == 1:
+        return count
+    total = torch.tensor(float(count), device=device)
+    dist.all_reduce(total)
+    return int(total)
 
 
 def step_optimizer(opt, scaler, params, grad_clip):

@@ -77,8 +77,8 @@ def test_sorted_path_for_scalar_codes_finds_the_nearest_code():
     assert torch.equal(dist_got, dist_best)
 
 
-@pytest.mark.parametrize("layout", ["gaussian", "clustered", "wide", "one point"])
-def test_the_cell_path_for_2d_codes_picks_the_chunked_paths_codes(layout, buffer_shapes):
+@pytest.mark.parametrize("layout", ["gaussian", "clustered", "wide", "far off", "one point"])
+def test_the_cell_path_for_2d_codes_is_as_exact_as_the_chunked_path(layout, buffer_shapes):
     torch.manual_seed(0)
     q = CodebookQuantizer(2048, 2, init="random")
     z = torch.randn(100_000, 2)
@@ -88,14 +88,23 @@ def test_the_cell_path_for_2d_codes_picks_the_chunked_paths_codes(layout, buffer
         z = centres[torch.randint(5, (100_000,))] + 0.02 * torch.randn(100_000, 2)
     elif layout == "wide":  # vectors far outside the codes
         z = z * 50
+    elif layout == "far off":  # everything far from the origin: ||e||^2 - 2 z.e rounds coarsely
+        q.codebook.mul_(0.01).add_(300)
+        z = z * 0.01 + 300
     elif layout == "one point":  # a box of zero size
         z = torch.full((5000, 2), 0.3)
     got = q.nearest(z)
     assert buffer_shapes == []  # not the chunked path
-    assert torch.equal(got, q._nearest_chunked(z, q.codebook))
+    # both paths compare ||e||^2 - 2 z.e in float32: each choice is as near as the best up to that rounding
+    d = torch.cdist(z.double(), q.codebook.double()) ** 2
+    best = d.min(1).values
+    rounding = 4e-7 * (z.double().norm(dim=1) ** 2 + q.codebook.double().norm(dim=1).max() ** 2)
+    for codes in (got, q._nearest_chunked(z, q.codebook)):
+        assert (d.gather(1, codes[:, None])[:, 0] - best <= rounding).all()
+    assert (got == q._nearest_chunked(z, q.codebook)).float().mean() > 0.99
 
 
-def test_the_cell_path_breaks_ties_to_the_lowest_index_like_brute_force():
+def test_the_cell_path_breaks_ties_to_the_lowest_index_like_brute_force(buffer_shapes):
     # codes and vectors on an integer lattice, where every distance is exact in float32: many exact ties, and
     # duplicated codes
     g = torch.Generator().manual_seed(0)
@@ -104,7 +113,14 @@ def test_the_cell_path_breaks_ties_to_the_lowest_index_like_brute_force():
     z = torch.randint(-9, 10, (20_000, 2), generator=g).float() + 0.5 * torch.randint(0, 2, (20_000, 2), generator=g)
     d = torch.cdist(z.double(), q.codebook.double())
     lowest_tied = (d == d.min(1, keepdim=True).values).int().argmax(1)  # the first index at the minimum
-    assert torch.equal(q.nearest(z), lowest_tied)
+    assert torch.equal(q.nearest(z), lowest_tied) and buffer_shapes == []
+
+
+def test_a_non_finite_vector_takes_the_chunked_path_rather_than_failing():
+    q = CodebookQuantizer(64, 2, init="random")
+    z = torch.randn(1000, 2)
+    z[7, 1] = float("nan")
+    assert q.nearest(z).shape == (1000,)
 
 
 @pytest.fixture

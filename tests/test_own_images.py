@@ -55,9 +55,9 @@ def test_a_folder_is_reconstructed_and_bad_files_are_named_and_skipped(trained, 
     (folder / "notes.txt").write_text("left out: not an image extension")
     out = tmp_path / "recon"
     summary = ev.main(["--ckpt", str(trained / "ckpt.pt"), "--images", str(folder), "--out", str(out), "--codes"])
-    said = capsys.readouterr()
-    assert "cut.png: cannot read image" in said.out + said.err and "text.jpg: cannot read image" in said.out + said.err
-    assert sorted(summary["skipped"]) == ["cut.png", "text.jpg"] and summary["images"] == 4
+    err = capsys.readouterr().err
+    assert "cut.png: cannot read image" in err and "text.jpg: cannot read image" in err
+    assert sorted(summary["skipped_files"]) == ["cut.png", "text.jpg"] and summary["images"] == 4
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert written == ["a.jpg.png", "a.png.png", "sub/b.png", "sub/c.png"]
     assert all(Image.open(out / name).size == (32, 32) for name in written)
@@ -87,6 +87,21 @@ def test_a_folder_is_reconstructed_and_bad_files_are_named_and_skipped(trained, 
         assert np.abs(a - b).max() <= 1  # the straight-through estimator's float rounding, at most one level
 
 
+def test_output_names_are_distinct_and_outputs_never_land_among_the_inputs(trained, tmp_path):
+    assert ev.output_names(["a.jpg", "a.png", "a.jpg.png", "s/b.bmp"]) == ["a.jpg.png", "a.png.png", "a.jpg_2.png",
+                                                                          "s/b.png"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    photo(0, (32, 32)).save(folder / "one.png")
+    for out in (folder, folder / "recon"):
+        with pytest.raises(SystemExit, match="lies inside --images"):
+            ev.main(["--ckpt", str(trained / "ckpt.pt"), "--images", str(folder), "--out", str(out)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no image files under"):
+        ev.main(["--ckpt", str(trained / "ckpt.pt"), "--images", str(empty), "--out", str(tmp_path / "o")])
+
+
 def test_a_folder_with_nothing_readable_exits_non_zero(trained, tmp_path):
     folder = tmp_path / "bad"
     folder.mkdir()
@@ -107,10 +122,19 @@ def test_decode_refuses_codes_of_another_shape_range_or_model(trained, tmp_path)
     np.save(tmp_path / "big.npy", big)
     with pytest.raises(SystemExit, match="code 16 at image 1, position 5 is outside 0..15"):
         ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "big.npy"), "--out", str(tmp_path)])
-    np.save(tmp_path / "other.npy", np.zeros((2, 64), np.int32))
-    (tmp_path / "other.json").write_text(json.dumps({"checkpoint": "elsewhere.pt", "model_config": {"hidden": 1}}))
-    with pytest.raises(SystemExit, match="codes of elsewhere.pt"):
-        ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "other.npy"), "--out", str(tmp_path)])
+    np.save(tmp_path / "float.npy", np.zeros((2, 64), np.float32))
+    with pytest.raises(SystemExit, match="float32 values; codes are integers"):
+        ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "float.npy"), "--out", str(tmp_path)])
+    # codes written by a model of the same config but other weights (another seed) are refused
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    photo(0, (32, 32)).save(folder / "one.png")
+    other = tmp_path / "other_run"
+    train.main([*TINY, "--max_iters", "2", "--seed", "1", "--out_dir", str(other)])
+    ev.main(["--ckpt", str(other / "ckpt.pt"), "--images", str(folder), "--out", str(tmp_path / "o"), "--codes"])
+    with pytest.raises(SystemExit, match="whose weights differ"):
+        ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "o" / "codes.npy"),
+                 "--out", str(tmp_path / "d")])
 
 
 def test_the_usage_csv_behind_the_lorenz_curve_counts_every_code_of_the_split(trained, tmp_path):

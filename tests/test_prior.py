@@ -303,6 +303,8 @@ def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys):
     assert np.array_equal(np.load(tmp_path / "s.npy"), codes.numpy())
     again = sample.main(["--ckpt", ckpt, "--num", "10", "--seed", "3", "--out", str(tmp_path / "t.png")])
     assert torch.equal(again, codes)  # the seed decides the samples
+    with pytest.raises(SystemExit, match="does not reconstruct: give its tokenizer's checkpoint"):
+        evaluation.main(["--ckpt", ckpt, "--images", str(tmp_path), "--out", str(tmp_path.parent / "recon")])
     # the saved codes decode, by eval.py --decode with the prior's checkpoint or its tokenizer's, into the samples
     for i, source in enumerate((ckpt, tokenizer)):
         evaluation.main(["--ckpt", source, "--decode", str(tmp_path / "s.npy"), "--out", str(tmp_path / f"d{i}")])

@@ -297,6 +297,30 @@ def test_a_batch_mostly_unreadable_stops_the_run_and_keeps_the_work(tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt.pt"))
 
 
+def test_a_broken_batch_on_one_rank_stops_every_rank_together_and_keeps_the_work(tmp_path):
+    # 24 images img00..img23; every 20th in sorted order (img00, img20) is held out, the other 22 train. Rank 1's
+    # first batch of 3 is drawn as train.py's sampler draws it; two of its images are cut short, rank 0's are fine.
+    names = [f"img{i:02d}.png" for i in range(24) if i % 20]
+    rank1 = list(torch.utils.data.DistributedSampler(names, 2, 1, shuffle=True, seed=0, drop_last=True))[:3]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    for i in range(24):
+        Image.new("RGB", (32, 32), (10 * i, 100, 200)).save(folder / f"img{i:02d}.png")
+    for index in rank1[:2]:
+        (folder / names[index]).write_bytes((folder / names[index]).read_bytes()[:60])
+    out = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *TINY, "--dataset", "folder", "--data_dir", str(folder), "--image_size", "32",
+                             "--batch_size", "3", "--seed", "0", "--out_dir", out, "--max_iters", "50"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = result.stdout + result.stderr
+    assert result.returncode != 0 and "a batch on another rank was mostly unreadable" in said, said[-3000:]
+    assert "checkpoint of step 1" in said
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1  # both ranks stopped at step 1
+
+
 def test_a_folder_with_train_and_test_but_no_val_validates_on_test(tmp_path, capsys):
     image_folder(tmp_path / "data" / "train", 6)
     image_folder(tmp_path / "data" / "test", 3)
