@@ -272,8 +272,8 @@ def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16"
                    "--ckpt_interval", "4", "--out_dir", out, *extra]
             try:
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                verdict = "ok" if run.returncode == 0 else f"failed ({run.returncode}): " + \
-                    (run.stderr.strip().splitlines() or [""])[-1][:100]
+                errors = [line for line in run.stderr.splitlines() if "Error" in line] or [""]
+                verdict = "ok" if run.returncode == 0 else f"failed ({run.returncode}): {errors[-1].strip()[:100]}"
             except subprocess.TimeoutExpired:
                 verdict = "failed: no end within 300 s"
             launched.append([model, f"torchrun, {ranks} rank(s), 4 steps", verdict])
