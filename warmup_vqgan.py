@@ -64,9 +64,7 @@ class Config:
     # 1/K. The paper scales its threshold with 1/K as well; the fraction is our choice (see WarmupQuantizer)
     respawn_every: int = 10  # steps between respawn checks
     kmeans_iters: int = 10  # Lloyd iterations at the switch
-    switch_init: str = "kmeans"  # the codebook at the switch: "kmeans" on the latents (ours) | "keep" (taming's cold
-    # VQGAN: its uniform U(-1/K, 1/K) start, learned by the codebook loss alone; with respawn_threshold 0, the faithful
-    # cold baseline)
+    switch_init: str = "kmeans"  # codebook at the switch: "kmeans" (ours) | "keep" (taming's uniform start)
     bank_size: int = 65536  # warm-up latents kept (per rank) for the k-means at the switch and for water-filling
     # warm-up ("continuous first, discrete later")
     warmup_steps: int = 10000  # steps of plain autoencoder training before the switch; 0 is the cold start.
