@@ -243,11 +243,12 @@ MODELS = ("vqvae", "vqvae2", "pqvae", "adaptive_vq", "warmup_vqgan")
 
 
 def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16", "float16"), compiles=(False, True),
-              extra=(), ranks=None):
+              extra=(), ranks=None, launch=True):
     """The checks a CUDA machine is for, in one run and one table: for every model at the dataset's preset, images/s
     of training steps in bf16 autocast and in fp16 with the gradient scaler, eager and compiled, with the quantizer's
-    share (eager steps) and whether a step synchronises with the host; then a few steps of every model under torchrun
-    on `ranks` processes (default: every GPU; NCCL on GPUs, gloo on a CPU). `extra`: more train.py settings."""
+    share (eager steps) and whether a step synchronises with the host; then (with `launch`) a few steps of every model
+    under torchrun on `ranks` processes (default: every GPU; NCCL on GPUs, gloo on a CPU). `extra`: more train.py
+    settings."""
     rows = []
     for model in models:
         for dtype in dtypes:
@@ -264,7 +265,7 @@ def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16"
                 print(" | ".join(rows[-1]), flush=True)
     ranks = ranks or max(torch.cuda.device_count(), 1)
     launched = []
-    for model in models:
+    for model in models if launch else ():
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), "--model", model,
