@@ -62,7 +62,6 @@ import itertools
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -544,8 +543,8 @@ def evaluate_split(model, ckpt, args, device):
         print(f"wrote {strip_path}: inputs, then the partial reconstructions in order")
     for name, counts in metrics.pop("_counts").items():
         usage_path = f"{stem}_usage_{name.replace('/', '_')}"
-        write_usage(counts, usage_path, f"{tcfg['model']} {name}, {args.split} split")
-        print(f"wrote {usage_path}.csv" + (" and .png" if os.path.exists(usage_path + ".png") else "")
+        drawn = write_usage(counts, usage_path, f"{tcfg['model']} {name}, {args.split} split")
+        print(f"wrote {usage_path}.csv" + (" and .png" if drawn else "")
               + f": the Lorenz curve and sorted counts of codebook {name!r}")
     print(f"{tcfg['model']} on {tcfg['dataset']} ({args.split}, {metrics['images']} images), step {ckpt['step']}")
     print(format_table(metrics))
@@ -579,24 +578,21 @@ def reconstruct_folder(model, ckpt, args, device):
         print(f"note: {others} files under {args.images} do not end in {' '.join(data.IMAGE_EXTENSIONS)} and are "
               "left out")
     layout = code_layout(model) if args.codes else None
-    mcfg = ckpt["model_config"]
-    mode, size = "L" if mcfg.get("in_channels") == 1 else "RGB", mcfg["image_size"]
-    transform = data.input_transform(ckpt["train_config"]["dataset"])
+    # the dataset's reader on these files: its recipe, grayscale for a 1-channel model, unreadable files named and None
+    images = data.ImageFiles(paths, ckpt["model_config"]["image_size"],
+                             data.input_transform(ckpt["train_config"]["dataset"]))
+    images.mode = "L" if ckpt["model_config"].get("in_channels") == 1 else "RGB"
+    images.skip_unreadable = True
     files = [os.path.relpath(path, root) for path in paths]
     names = output_names(files)
     rows, skipped, sequences = [], [], []  # rows: (file, output, mse, psnr, ssim) of each image read
     for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstructing", unit="batch"):
-        images, kept = [], []
-        for i in range(start, min(start + args.batch_size, len(paths))):
-            try:
-                images.append(data.to_tensor(transform(data.load_image(paths[i], mode), size), mode))
-                kept.append(i)
-            except data.DataError as err:
-                tqdm.write(f"warning: skipped {err}", file=sys.stderr)
-                skipped.append(files[i])
-        if not images:
+        batch = [(i, images[i]) for i in range(start, min(start + args.batch_size, len(paths)))]
+        skipped += [files[i] for i, image in batch if image is None]
+        kept = [i for i, image in batch if image is not None]
+        if not kept:
             continue
-        x = torch.stack(images).to(device)
+        x = torch.stack([image for _, image in batch if image is not None]).to(device)
         with torch.no_grad():
             x_hat = model(x)[0]
             if layout is not None:
@@ -740,13 +736,14 @@ def gini(counts):
 
 def write_usage(counts, stem, title):
     """stem.csv: each code's count, least used first, with the Lorenz curve's point (the counts column read bottom up
-    is the sorted usage histogram); stem.png: the Lorenz curve beside the histogram, when matplotlib is there."""
+    is the sorted usage histogram); stem.png: the Lorenz curve beside the histogram, when matplotlib is there (then
+    returns True)."""
     order = counts.argsort(stable=True)
     x, y = lorenz(counts)
     rows = [(i, int(order[i]), int(counts[order[i]]), float(x[i + 1]), float(y[i + 1])) for i in range(len(counts))]
     write_csv(stem + ".csv", ["rank_from_least_used", "code", "count", "code_fraction", "usage_fraction"], rows)
     ranked = counts.sort(descending=True).values.tolist()
-    plot(stem + ".png", title, [
+    return plot(stem + ".png", title, [
         ("Lorenz curve of code usage", "fraction of codes, least used first", "fraction of uses",
          [("equal use", [0, 1], [0, 1], "--"), (f"gini {gini(counts):.2f}", x.tolist(), y.tolist(), "-")]),
         ("codes by use", "rank", "uses (log scale)", [("count", list(range(1, len(ranked) + 1)), ranked, "bar")]),
@@ -781,9 +778,8 @@ def draw_curves(log_path, out_dir):
                  for line in [series(split, key)] if line[0]]
         if lines:
             panels.append((title, "step", "", lines))
-    plot(os.path.join(out_dir, "curves.png"), log_path, panels)
-    print(f"wrote {os.path.join(out_dir, 'curves.csv')}"
-          + (" and curves.png" if os.path.exists(os.path.join(out_dir, "curves.png")) else ""))
+    drawn = plot(os.path.join(out_dir, "curves.png"), log_path, panels)
+    print(f"wrote {os.path.join(out_dir, 'curves.csv')}" + (" and curves.png" if drawn else ""))
     return records
 
 

@@ -726,7 +726,8 @@ def main(argv=None):
             if master and (step % tcfg.eval_interval == 0 or done):
                 validate()
             if broken:  # the checkpoint of this step is saved: say why the run stops
-                raise data.DataError(unreadable.broken or "a batch on another rank was mostly unreadable")
+                raise SystemExit(f"train.py: {unreadable.broken or 'a batch on another rank was mostly unreadable'}"
+                                 f" (checkpoint of step {step} in {ckpt_path})")
             if stop_now:
                 if master:
                     tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
@@ -736,8 +737,6 @@ def main(argv=None):
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
-    except data.DataError as err:  # mostly unreadable data: the model is fine and its checkpoint saved
-        raise SystemExit(f"train.py: {err} (checkpoint of step {step} in {ckpt_path})") from None
     finally:
         bar.close()
         stop.restore()
