@@ -162,6 +162,8 @@ class WarmupQuantizer(nn.Module):
     argmin and statistics run in float32 with autocast off (the fp32 island): in bf16 about 1% of argmins differ.
     """
 
+    search_block = 2 ** 18  # distance entries per chunk of the search: in a core's cache, whatever N and K are
+
     def __init__(self, codebook_size, dim, beta=0.25, usage_decay=0.99, respawn_threshold=0.1, respawn_every=10,
                  kmeans_iters=10, bank_size=65536, switch_init="kmeans"):
         super().__init__()
@@ -217,12 +219,12 @@ class WarmupQuantizer(nn.Module):
 
     def nearest(self, z, codebook=None):
         """Index (N,) of the nearest code for each row of z (N, D). Chunked over rows so that the (rows, K) distance
-        block stays near 64 MiB whatever N and K are, in one buffer reused by every chunk."""
+        block stays at search_block entries whatever N and K are, in one buffer reused by every chunk."""
         e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
         z = z.detach().float()
         N, K = z.shape[0], e.shape[0]
         e_sq = (e * e).sum(1)  # (K,)
-        chunk = min(N, max(1, 2 ** 24 // K))
+        chunk = min(N, max(1, self.search_block // K))
         codes = torch.empty(N, dtype=torch.long, device=z.device)
         d = torch.empty(chunk, K, device=z.device)
         for i in range(0, N, chunk):
@@ -230,8 +232,22 @@ class WarmupQuantizer(nn.Module):
             dc = d[:zc.shape[0]]
             # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
             torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
-            codes[i:i + chunk] = dc.argmin(1)
+            codes[i:i + chunk] = self._argmin(dc)
         return codes
+
+    @staticmethod
+    def _argmin(d, block=64):
+        """argmin over the last dim of d (..., K), ties to the lowest index, in two steps: the minimum of each block of
+        `block` codes (a plain vectorised min), then the argmin inside the first block holding the row's minimum.
+        Exact, and several times faster on a CPU than one argmin over K, whose reduction carries an index along.
+        Twins: every quantizer file has this copy; tests/test_search.py holds them all to a brute-force reference."""
+        B = min(block, d.shape[-1] & -d.shape[-1])  # the largest power of 2 that divides K, at most `block`
+        if B < 8:  # blocks this short would not pay
+            return d.argmin(-1)
+        blocks = d.unflatten(-1, (-1, B))  # (..., K/B, B)
+        best = blocks.amin(-1).argmin(-1, keepdim=True)  # (..., 1) the first block holding the minimum
+        inside = blocks.gather(-2, best[..., None].expand(*best.shape, B)).squeeze(-2)  # (..., B) that block
+        return best.squeeze(-1) * B + inside.argmin(-1)
 
     def encode(self, z):
         """(..., D) -> codes (...). Changes nothing: for eval and tokenizers."""

@@ -136,7 +136,7 @@ def buffer_shapes(monkeypatch):
 def test_chunked_distances_agree_with_brute_force_and_keep_to_their_block(buffer_shapes):
     torch.manual_seed(0)
     q = CodebookQuantizer(64, 4, init="random")
-    q.block = 1000  # 15 rows of 64 codes per chunk
+    q.search_block = 1000  # 15 rows of 64 codes per chunk
     z = torch.randn(300, 4)
     assert torch.equal(q.nearest(z), brute_force_nearest(z, q.codebook))
     assert buffer_shapes == [(15, 64)]  # one buffer, reused for all 20 chunks
@@ -154,7 +154,7 @@ def test_the_65536_codebook_runs_in_bounded_memory(buffer_shapes):
     assert float(((z_q - z) ** 2).mean()) < 1e-4  # 65,536 scalar codes drawn from the data quantize it finely
     sub = z[:2048]
     chunked = q._nearest_chunked(sub, q.codebook)  # the path every D > 1 takes, here at K = 65,536
-    assert buffer_shapes == [(256, 65536)] and 256 * 65536 <= CodebookQuantizer.block
+    assert buffer_shapes == [(CodebookQuantizer.search_block // 65536, 65536)]  # a fixed block, not 2048 rows
     # the chunked path's ||e||^2 - 2 z.e is exact up to float32 rounding (~1e-6 here, where 65,536 codes lie about
     # 1e-4 apart): its choice is as near as the best up to that rounding
     excess = (sub - q.codebook[chunked]) ** 2 - (sub - q.codebook[q.nearest(sub)]) ** 2
