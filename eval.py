@@ -58,15 +58,19 @@ import argparse
 import collections
 import csv
 import hashlib
+import importlib
 import itertools
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Metric functions: small, importable, each tested against numpy.
@@ -399,6 +403,40 @@ def format_table(metrics):
 # Loading a checkpoint written by train.py
 
 
+def import_model(name, program="train.py"):
+    """Import <name>.py from this directory (or sys.path) and check it has Config and Model; `program` names the
+    caller in the message otherwise."""
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        models = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f[:-3] not in
+                        ("train", "eval", "data", "bench", "sample", "setup", "conftest"))
+        raise SystemExit(f"{program}: unknown --model {name!r}: no {name}.py (models here: {', '.join(models)})")
+    for attr in ("Config", "Model"):
+        if not hasattr(module, attr):
+            raise SystemExit(f"{program}: {name}.py has no {attr}: it is not a model file")
+    return module
+
+
+def checked_device(name, program):
+    """torch.device(name), or an exit in one line when there is no such device here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"{program}: --device {name} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{program}: --device {name}: no CUDA GPU here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise SystemExit(f"{program}: --device {name}: there {'is' if count == 1 else 'are'} {count} CUDA "
+                         f"GPU{'' if count == 1 else 's'} here, numbered from 0")
+    return device
+
+
 def read_checkpoint(path):
     """A checkpoint written by train.py, loaded on the CPU (weights only), or a clear exit naming the file (or the
     non-finite tensors among its weights)."""
@@ -419,9 +457,8 @@ def read_checkpoint(path):
 
 def load_model(path, device="cpu"):
     """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
-    import train  # here, not at the top: train.py imports this file
     ckpt = read_checkpoint(path)
-    module = train.import_model(ckpt["train_config"]["model"])
+    module = import_model(ckpt["train_config"]["model"], "eval.py")
     model = module.Model(module.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -467,8 +504,7 @@ def main(argv=None):
     if args.batch_size < 1:
         p.error("--batch_size must be at least 1")
 
-    import train  # here, not at the top: train.py imports this file
-    device = train.checked_device(args.device, "eval.py")
+    device = checked_device(args.device, "eval.py")
     for option in ("json", "grid", "strip"):  # before the work: a path that cannot be written is refused now
         folder = os.path.dirname(os.path.abspath(getattr(args, option) or args.ckpt))
         if getattr(args, option) and not os.path.isdir(folder):

@@ -11,32 +11,9 @@ Settings are the fields of TrainConfig below and of the chosen model's Config, g
   the dataclass default  <  data.DATASETS (image_size, in_channels)  <  the model's PRESETS[dataset]  <  command line
 The resolved config is printed and saved in every checkpoint.
 
-The model protocol. train.py knows no model by name: it imports <model>.py and uses
-  Config                      a dataclass of hyperparameters, with `image_size` and `in_channels` among them;
-  Model(cfg)                  forward(x) -> (x_hat, loss, stats): x in [-1, 1] (B, C, H, W), loss the scalar to
-                              back-propagate, stats a flat dict of scalar tensors, `recon` (MSE in [-1, 1]) among them;
-                              encode / decode / latents for eval.py. A model over another model's codes (prior.py)
-                              returns x_hat None and is measured by its stats;
-  PRESETS (optional)          {dataset: {key: value}}, keys from Config or TrainConfig;
-  inherited_settings(args)    (optional) settings taken from elsewhere, given the command line {key: raw value}:
-                              prior.py takes its dataset, image size and out_dir from its tokenizer's checkpoint.
-                              They sit above the dataset's defaults and below the presets and the command line.
-and, when the Model has them, these hooks:
-  set_step(step)              called before every optimizer step with the step about to run (0-based), on every rank:
-                              temperature schedules, a warm-up phase switch. State it changes that must survive a
-                              resume belongs in a buffer, saved with the model.
-  aux_module() -> nn.Module   a part of the model trained by its own optimizer and loss (a GAN discriminator). Its
-                              parameters are left out of the main optimizer and of DDP's gradient sync; train.py gives
-                              them an AdamW with the same lr, betas and schedule, and averages their gradients over
-                              ranks itself.
-  aux_loss(x, x_hat) -> (loss, stats)
-                              the aux part's loss, called after the main step on the same batch with x_hat detached;
-                              its stats are logged with an `aux_` prefix.
-  code_layout() -> [(shape, K), ...]
-                              a tokenizer's codes, for prior.py: per level, in encode's order, the shape of one
-                              image's codes and the number of codes (a ValueError when it has none to give). Codes
-                              become one sequence per image level by level, each in raster order, groups last
-                              (eval.code_sequence; eval.sequence_to_codes goes back).
+train.py knows no model by name: it imports <model>.py and uses its Config, Model and optional PRESETS and hooks
+(set_step, aux_module / aux_loss, inherited_settings). That protocol, with who calls each part and when, is written
+once: the table under "Adding a model" in README.md.
 
 Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
 written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind, and before any
@@ -52,7 +29,6 @@ import atexit
 import contextlib
 import dataclasses
 import difflib
-import importlib
 import itertools
 import json
 import math
@@ -73,8 +49,6 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @dataclass
@@ -166,24 +140,6 @@ def field_types(cls):
     return typing.get_type_hints(cls)
 
 
-def import_model(name):
-    """Import <name>.py from this directory (or sys.path) and check it has Config and Model."""
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        models = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f[:-3] not in
-                        ("train", "eval", "data", "bench", "setup", "conftest"))
-        raise SystemExit(f"train.py: unknown --model {name!r}: no {name}.py (models here: {', '.join(models)})")
-    for attr in ("Config", "Model"):
-        if not hasattr(module, attr):
-            raise SystemExit(f"train.py: {name}.py has no {attr}: it is not a model file")
-    return module
-
-
 def resolve_config(argv):
     """Command line -> (TrainConfig, model Config, model module, checkpoint or None).
 
@@ -196,7 +152,7 @@ def resolve_config(argv):
     tcfg = TrainConfig(**early)
     inherited = {}
     if not (tcfg.resume and "out_dir" in early):  # a prior's data and default out_dir are its tokenizer's
-        inherited = getattr(import_model(tcfg.model), "inherited_settings", lambda args: {})(args)
+        inherited = getattr(evaluation.import_model(tcfg.model), "inherited_settings", lambda args: {})(args)
         tcfg = TrainConfig(**{**{k: v for k, v in inherited.items() if k in train_types}, **early})
     ckpt = None
     if tcfg.resume:
@@ -206,7 +162,7 @@ def resolve_config(argv):
                 raise SystemExit(f"train.py: --resume: --{key} {early[key]} differs from the checkpoint's "
                                  f"{ckpt['train_config'][key]}")
         tcfg = TrainConfig(**{**ckpt["train_config"], **early})
-    module = import_model(tcfg.model)
+    module = evaluation.import_model(tcfg.model)
     model_types = field_types(module.Config)
     clash = set(train_types) & set(model_types)
     assert not clash, f"{tcfg.model}.Config reuses train.py setting names: {clash}"
@@ -312,21 +268,6 @@ def device_name(tcfg):
     return tcfg.device
 
 
-def checked_device(name, program):
-    """torch.device(name), or an exit in one line when there is no such device here."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"{program}: --device {name} is not a device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"{program}: --device {name}: no CUDA GPU here (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise SystemExit(f"{program}: --device {name}: there {'is' if count == 1 else 'are'} {count} CUDA "
-                         f"GPU{'' if count == 1 else 's'} here, numbered from 0")
-    return device
-
-
 def setup_device(tcfg):
     """Returns (device, rank, world_size). Starts a process group when launched by torchrun."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -334,7 +275,7 @@ def setup_device(tcfg):
     name = device_name(tcfg)
     if ddp and name == "cuda":
         name = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    device = checked_device(name, "train.py")
+    device = evaluation.checked_device(name, "train.py")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:

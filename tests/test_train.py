@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+import eval as evaluation
 import train
 import vqvae
 
@@ -458,16 +459,14 @@ def test_an_unusable_device_is_refused_in_one_line(monkeypatch, device, gpus, me
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(SystemExit, match=message):
-        train.checked_device(device, "train.py")
+        evaluation.checked_device(device, "train.py")
     with pytest.raises(SystemExit, match=message):
         train.main([*TINY, "--device", device, "--out_dir", "unused", "--max_iters", "1"])
-    import eval as evaluation
     with pytest.raises(SystemExit, match=message.replace("train.py", "eval.py")):
         evaluation.main(["--ckpt", "unused.pt", "--device", device])
 
 
 def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkeypatch):
-    import eval as evaluation
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "1"])
 
@@ -512,7 +511,6 @@ def test_resume_refuses_another_dataset(tmp_path):
 
 
 def test_non_finite_weights_in_a_checkpoint_are_refused_naming_the_tensors(tmp_path):
-    import eval as evaluation
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "2"])
     path = os.path.join(out, "ckpt.pt")
