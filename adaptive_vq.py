@@ -59,6 +59,7 @@ class Config:
     temp_start: float = 1.0
     temp_end: float = 0.0625
     temp_anneal_iters: int = 25000
+    rate_weight: float = 0.0  # ours (the paper has none): loss += rate_weight * chosen bits per vector / vector_dim
     # each codebook's quantizer (EMA, as in the paper)
     beta: float = 0.25  # commitment weight (VQ-VAE)
     decay: float = 0.99  # EMA decay (VQ-VAE)
@@ -137,7 +138,7 @@ class CodebookQuantizer(nn.Module):
     float32 with autocast off: a bf16 distance matmul picks a different code for about 1% of vectors.
     """
 
-    search_block = 2 ** 18  # distance entries per chunk of the search: in a core's cache, whatever N and K are
+    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
     cells_on_cpu = True  # D = 2 on a CPU takes the cell path (see _nearest_cells)
 
     def __init__(self, codebook_size, dim, decay=0.99, eps=1e-5, init="kmeans", kmeans_iters=10,
@@ -495,6 +496,8 @@ class Model(nn.Module):
         self.cfg = cfg
         self.shapes = codebook_shapes(cfg)  # [(N, D), ...]
         self.names = [f"{n}x{d}" for n, d in self.shapes]
+        bits = [cfg.vector_dim // d * math.log2(n) for n, d in self.shapes]  # per vector, each codebook
+        self.register_buffer("bits", torch.tensor(bits), persistent=False)  # (n,)
         self.encoder = Encoder(cfg)
         self.pre_quant = nn.Conv2d(cfg.hidden, cfg.vector_dim, 1)
         self.quantizers = nn.ModuleList(
@@ -575,12 +578,16 @@ class Model(nn.Module):
         # choice: committing to every candidate would pull the encoder toward codebooks it does not use.
         per_candidate = ((z_flat.float().unsqueeze(1) - candidates.detach()) ** 2).mean(-1)  # (M, n)
         commit = (y.detach() * per_candidate).sum(1).mean()
-        stats = {"recon": recon.detach(), "commit": commit.detach(), "perplexity": perplexity}
+        # the rate of the choice, (V / D) log2 N bits per vector, per dimension: with rate_weight > 0 the selector
+        # trades bits against error instead of always taking the candidate nearest the vector (the finest codebook)
+        rate = (y * self.bits).sum(1).mean() / V
+        stats = {"recon": recon.detach(), "commit": commit.detach(), "perplexity": perplexity,
+                 "bits": rate.detach() * V}
         if self.adaptive:
             stats["temperature"] = self.temperature.detach().clone()
             freq = y.detach().mean(0)  # (n,)
             stats.update({f"choice_{name}": freq[i] for i, name in enumerate(self.names)})
-        return x_hat, recon + self.cfg.beta * commit, stats
+        return x_hat, recon + self.cfg.beta * commit + self.cfg.rate_weight * rate, stats
 
     @torch.no_grad()
     def encode(self, x):
@@ -630,6 +637,7 @@ class Model(nn.Module):
     def eval_stats(self, x):
         """For eval.py: batch means of
           choice/<N>x<D>      the fraction of vectors that choose this codebook (adaptive model)
+          bits                (V / D) log2 N of the chosen codebook [N, D]: the rate, in bits per vector
           quant_error         ||z - z_q||^2 / V per vector, z_q the chosen candidate; quant_error/<N>x<D> for each
                               codebook's own candidate
           grad_gap            the gradient gap: per image, || dl/dz_q - dl/dz ||_2, where l is that image's
@@ -644,7 +652,7 @@ class Model(nn.Module):
         z_q, y, candidates, _, _ = self._quantize(z.reshape(-1, V))
         z_flat = z.reshape(-1, 1, V).float()
         per_candidate = ((z_flat - candidates) ** 2).mean(-1)  # (M, n)
-        out = {"quant_error": (y * per_candidate).sum(1).mean()}
+        out = {"quant_error": (y * per_candidate).sum(1).mean(), "bits": (y * self.bits).sum(1).mean()}
         for i, name in enumerate(self.names):
             out[f"quant_error/{name}"] = per_candidate[:, i].mean()
             if self.adaptive:
