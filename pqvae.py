@@ -159,7 +159,7 @@ class ProgressiveQuantizer(nn.Module):
     forward(s) takes sub-maps s (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
     """
 
-    search_block = 2 ** 18  # distance entries per chunk of the search: in a core's cache, whatever N and K are
+    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
 
     def __init__(self, channels, positions, steps=64, channel_dim=4, spatial_dim=16, codebook_size=256,
                  code_choice="nearest", temperature=1.0, beta=0.25, lambda_h=1e-3, ema=True, decay=0.99, eps=1e-5,

@@ -104,7 +104,7 @@ class VectorQuantizer(nn.Module):
     matmul picks a different code for about 1% of vectors.
     """
 
-    search_block = 2 ** 18  # distance entries per chunk of the search: in a core's cache, whatever N and K are
+    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
 
     def __init__(self, codebook_size, dim, groups=1, beta=0.25, ema=True, decay=0.99, eps=1e-5, init="kmeans",
                  kmeans_iters=10, dead_code_threshold=2.0, dead_code_window=10):

@@ -162,7 +162,7 @@ class WarmupQuantizer(nn.Module):
     argmin and statistics run in float32 with autocast off (the fp32 island): in bf16 about 1% of argmins differ.
     """
 
-    search_block = 2 ** 18  # distance entries per chunk of the search: in a core's cache, whatever N and K are
+    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
 
     def __init__(self, codebook_size, dim, beta=0.25, usage_decay=0.99, respawn_threshold=0.1, respawn_every=10,
                  kmeans_iters=10, bank_size=65536, switch_init="kmeans"):

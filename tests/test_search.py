@@ -50,7 +50,7 @@ def searches():
 @pytest.mark.parametrize("name,nearest", searches())
 @pytest.mark.parametrize("K", [4096, 1000, 37])  # blocks of 64 codes, of 8 (gcd), and the plain argmin
 def test_every_copy_finds_the_lowest_nearest_code_over_many_chunks(name, nearest, K):
-    z, e = lattice(3000, K, 8)  # 4096 codes: 64 rows per chunk, 47 chunks
+    z, e = lattice(3000, K, 8)  # 4096 codes: 1024 rows per chunk, three chunks
     assert torch.equal(nearest(z, e), lowest_tied(z, e)), name
 
 
