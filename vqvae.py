@@ -1,27 +1,21 @@
 """
-Single-level VQ-VAE with codebook-collapse mitigation.
+Single-level VQ-VAE with codebook-collapse mitigation, and multi-group quantization.
 
-Papers:
-  - "Neural Discrete Representation Learning", van den Oord et al., 2017 (arXiv:1711.00937): the VQ-VAE.
-  - "Is Hierarchical Quantization Essential for Optimal Reconstruction?", 2026 (arXiv:2601.22244): a single-level
-    VQ-VAE matches a capacity-matched two-level one once codebook collapse is mitigated.
+Papers: "Neural Discrete Representation Learning", van den Oord et al., 2017 (arXiv:1711.00937); "Is Hierarchical
+Quantization Essential for Optimal Reconstruction?", 2026 (arXiv:2601.22244); MGVQ, "Could VQ-VAE Beat VAE?"
+(arXiv:2507.07997).
 
-The idea. An encoder maps an image to a grid of D-dim vectors z. Each vector is replaced by its nearest entry of a
-codebook of K vectors (the "code"), and a decoder reconstructs the image from the quantized grid. The argmin has no
-gradient, so the straight-through estimator copies the decoder's gradient from z_q to z; a commitment loss
-beta * ||z - sg(e)||^2 keeps the encoder close to its codes; the codebook follows its assigned vectors by an
-exponential moving average (EMA) of their mean. Left alone, most codes are never chosen ("codebook collapse"). The
-second paper's remedies, each switchable here for its ablation:
-  1. initialise the codebook from data (k-means on, or samples of, the first batch's encoder outputs);
-  2. dead-code reset: a code chosen fewer than `dead_code_threshold` times over `dead_code_window` batches is
-     moved onto a recent encoder output;
-  3. a small code dimension D (8) with a large K: the paper finds D >= 64 collapses, D = 8 with K = 4096-8192 best.
+The idea. An encoder maps an image to a grid of D-dim vectors z; each is replaced by its nearest code e in a codebook
+of K vectors, and a decoder reconstructs the image from the codes. The argmin has no gradient, so the straight-through
+estimator hands the decoder's gradient at z_q to z; a commitment loss beta * ||z - sg(e)||^2 keeps the encoder near
+its codes; each code follows the mean of the vectors that choose it (EMA). Left alone, most codes are never chosen
+(codebook collapse). The hierarchy paper's remedies are switches here: a codebook initialised from data, dead-code
+reset (a code chosen fewer than 2 times in 10 batches moves onto a recent encoder output), a small D with a large K.
+MGVQ (`groups`) cuts each vector into G parts, each with its own sub-codebook: K^G combinations per position from G
+small codebooks; nested masking (`group_mask_probs`) drops later groups in training, so a prefix of groups decodes.
 
-Multi-group quantization (MGVQ, "Could VQ-VAE Beat VAE?", arXiv:2507.07997) is the `groups` option: the D-dim vector
-is cut into G parts, each quantized by its own small sub-codebook, which multiplies the combinations per position
-(K^G) while each sub-codebook stays easy to keep in use. With nested masking (`group_mask_probs`) the later groups
-are randomly dropped in training, so the first groups learn the coarse content and `groups_to_use` can decode from
-a prefix of the groups.
+Where this departs from the papers: the data initialisation is k-means on the first batch (`--init data` takes plain
+samples); the straight-through value is e + (z - sg(z)), exactly e in the forward pass.
 
 Train it:  python train.py --model vqvae [--dataset mnist --data_dir DIR] [--codebook_size 1024 --code_dim 8]
            python train.py --model vqvae --code_dim 16 --groups 4 --codebook_size 8 --group_mask_probs 0,0.2,0.3,0.4
@@ -59,15 +53,13 @@ class Config:
     dead_code_window: int = 10  # batches per window (hierarchy paper: 2 uses over 10 batches)
     # multi-group quantization (MGVQ); groups = 1 is plain VQ
     groups: int = 1  # G: code_dim is cut into G parts, each with its own sub-codebook of codebook_size codes
-    group_mask_probs: tuple[float, ...] = ()  # nested masking in training: G non-decreasing values, p_0 = 0; () off.
-    # Each batch draws u ~ U(0, 1) once and drops group i when u < p_i (MGVQ's first stage: 0,0.2,0.3,0.4)
+    group_mask_probs: tuple[float, ...] = ()  # drop group i when u < p_i, u ~ U(0, 1) per batch; non-decreasing; () off
     groups_to_use: int = 0  # in eval mode, decode from the first groups only; 0 uses all
 
 
-# Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
-# Config fields or train.py settings. Chosen so that each run fits its budget; the paper trains far longer.
+# Per-dataset settings (Config or train.py fields), above the defaults and below the command line; sized to each
+# dataset's budget (the paper trains far longer). shapes is the embedded default: minutes on a laptop CPU.
 PRESETS = {
-    # the embedded default: `python train.py` learns it on a laptop CPU in a few minutes
     "shapes": dict(hidden=64, res_hidden=32, codebook_size=256, batch_size=32, lr=2e-3, max_iters=2000,
                    warmup_iters=100, eval_interval=500),
     "mnist": dict(hidden=64, codebook_size=512, batch_size=64, lr=1e-3, max_iters=3000),
@@ -80,28 +72,15 @@ PRESETS = {
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-neighbour vector quantizer with an EMA codebook (VQ-VAE, arXiv:1711.00937, appendix A.1), data
-    initialisation and dead-code reset (arXiv:2601.22244), and multi-group quantization (MGVQ, arXiv:2507.07997).
-    Depends on torch only: copy it into your project.
+    """Nearest-neighbour vector quantizer with an EMA codebook (VQ-VAE, appendix A.1), data initialisation and
+    dead-code reset (arXiv:2601.22244), and MGVQ's groups. Depends on torch only: copy it into your project.
 
-    With `groups` G > 1 the D-dim vector is cut into G parts of D/G dims, and part g is quantized by its own
-    sub-codebook of K codes (MGVQ): K^G combinations per position from G small codebooks that are easy to keep in use.
-    All G sub-codebooks live in one (K, D) matrix: code k of group g is codebook[k, g*D/G:(g+1)*D/G]. Counts are
-    (G*K,), group by group. With G = 1 this is the plain quantizer, buffers and results unchanged.
-
-    forward(z, group_mask=None) takes z of shape (..., D) and returns (z_q, codes, loss, stats):
-      z_q   (..., D)  the quantized vectors, with straight-through gradients to z
-      codes (...)     int64 index of the chosen code, or (..., G) with one index per group when G > 1
-      loss  scalar    beta * ||z - sg(e)||^2, plus ||sg(z) - e||^2 when the codebook is learned by gradient
-      stats dict      scalar tensors for logging
-    group_mask, a (G,) bool tensor, drops the groups where it is False: their part of z_q is zero and their loss
-    terms are left out (MGVQ's nested masking). Their codebooks are still updated from the encoder's output.
-
-    In training mode it also updates the codebook (after the loss is computed), and under torch.distributed it keeps
-    the codebook bitwise equal on every rank: counts and sums are all-reduced, and the vectors for initialisation and
-    dead-code reset are gathered from all ranks, picked on rank 0 and broadcast (so every rank must pass the same
-    number of vectors, as with equal batches). Everything inside runs in float32 with autocast off: a bf16 distance
-    matmul picks a different code for about 1% of vectors.
+    forward(z, group_mask=None): z (..., D) -> (z_q, codes, loss, stats): z_q (..., D) the codes, with straight-through
+    gradients to z; codes (...) int64, or (..., G) with groups; loss beta * ||z - sg(e)||^2 (plus ||sg(z) - e||^2 when
+    the codebook is learned by gradient); stats scalar tensors for logging. A (G,) bool group_mask zeroes the groups
+    where it is False and leaves out their loss (MGVQ's nested masking). In training mode the codebook is then
+    updated, bitwise equal on every torch.distributed rank (each rank must pass the same number of vectors). All of
+    it runs in float32 with autocast off: a bf16 distance matmul picks another code for about 1% of vectors.
     """
 
     search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
@@ -128,46 +107,44 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(groups * codebook_size))  # assignments in this dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
         self.register_buffer("initialized", torch.tensor(init == "random"))
-        # Host copies of `initialized` and `window_step`, so that a training step reads no value back from the device
-        # (on a GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth
-        # for checkpoints; the copies are read from them at the first training step after construction or loading.
+        # host copies of the two, read once after construction or loading: a step then reads nothing from a GPU
         self._host_initialized = self._host_window_step = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
+    # -- the VQ-VAE core: nearest code, straight-through, commitment loss -----------------------------------------
 
-    # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
-    @staticmethod
-    def _all_reduce(t):  # sum over ranks, in place
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
-        return t
+    def forward(self, z, group_mask=None):
+        shape = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
+            z = z.float().reshape(-1, self.dim)  # (N, D)
+            if self.training and self._host_initialized is None:  # once after construction or loading
+                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
+            if self.training and not self._host_initialized:
+                self._init_codebook(z.detach())
+            codes = self.nearest(z)  # (N, G)
+            e = self._lookup(codes)  # (N, D)
+            keep = None if group_mask is None else group_mask.repeat_interleave(self.dim // self.groups).float()
 
-    @staticmethod
-    def _broadcast(t):  # rank 0's value everywhere, in place
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(t, src=0)
-        return t
+            # beta moves the encoder toward its code; the codebook moves by EMA, or by its own loss without EMA
+            commit = self._mse(z, e.detach(), keep)
+            loss = self.beta * commit
+            if not self.ema:
+                loss = loss + self._mse(e, z.detach(), keep)
+            # straight-through: the forward value is exactly e (z - sg(z) is exactly 0, where the common
+            # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged, none to e
+            z_q = e.detach() + (z - z.detach())
+            if keep is not None:
+                z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
 
-    @staticmethod
-    def _gather(z):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
-        if not (dist.is_available() and dist.is_initialized()):
-            return z
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts)
-
-    def _by_group(self, x):
-        """(N, D) -> (G, N, D/G), a view: the groups side by side."""
-        return x.view(x.shape[0], self.groups, -1).transpose(0, 1)
-
-    def _per_dim(self, per_code):
-        """(G*K,) values per code of each group -> (K, D), each value repeated over its group's dims."""
-        d = self.dim // self.groups
-        return per_code.view(self.groups, -1).t().repeat_interleave(d, dim=1)
-
-    # -- nearest code -----------------------------------------------------------------------------------------------
+            counts = self._counts(codes)  # (G*K,), this rank's batch
+            if self.training:  # quantize and compute losses first, then update the codebook
+                self._update(z.detach(), codes, counts)
+        p = counts.view(self.groups, -1)
+        p = p / p.sum(1, keepdim=True)
+        stats = {"commit": commit.detach(),
+                 # of this batch, averaged over groups (usually below the perplexity over a whole split)
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum(1)).mean(),
+                 "code_usage": (counts > 0).float().mean()}
+        return z_q.reshape(shape), self._shape_codes(codes, shape), loss, stats
 
     def nearest(self, z, codebook=None):
         """Index of the nearest code of each group for each row of z (N, D): (N, G), ties to the lowest index. Chunked
@@ -206,55 +183,10 @@ class VectorQuantizer(nn.Module):
         """(..., D) -> codes (...), or (..., G) when G > 1. Changes nothing: for eval and tokenizers."""
         return self._shape_codes(self.nearest(z.reshape(-1, self.dim)), z.shape)
 
-    def _shape_codes(self, codes, shape):
-        """(N, G) codes of vectors of `shape` (..., D) -> (...), or (..., G) when G > 1."""
-        return codes.reshape(*shape[:-1], *([self.groups] if self.groups > 1 else []))
-
     def lookup(self, codes):
         """codes as encode gives them -> code vectors (..., D)."""
         batch = codes.shape[:-1] if self.groups > 1 else codes.shape
         return self._lookup(codes.reshape(-1, self.groups)).reshape(*batch, self.dim)
-
-    def _lookup(self, codes):
-        """(N, G) -> (N, D); indexing, not a one-hot matmul."""
-        groups = torch.arange(self.groups, device=codes.device)
-        return self._by_group(self.codebook)[groups, codes].reshape(codes.shape[0], self.dim)  # via (N, G, d)
-
-    # -- forward ----------------------------------------------------------------------------------------------------
-
-    def forward(self, z, group_mask=None):
-        shape = z.shape
-        with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
-            z = z.float().reshape(-1, self.dim)  # (N, D)
-            if self.training and self._host_initialized is None:  # once after construction or loading
-                self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
-            if self.training and not self._host_initialized:
-                self._init_codebook(z.detach())
-            codes = self.nearest(z)  # (N, G)
-            e = self._lookup(codes)  # (N, D)
-            keep = None if group_mask is None else group_mask.repeat_interleave(self.dim // self.groups).float()
-
-            # beta moves the encoder toward its code; the codebook moves by EMA, or by its own loss without EMA
-            commit = self._mse(z, e.detach(), keep)
-            loss = self.beta * commit
-            if not self.ema:
-                loss = loss + self._mse(e, z.detach(), keep)
-            # straight-through: the forward value is exactly e (z - sg(z) is exactly 0, where the common
-            # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged, none to e
-            z_q = e.detach() + (z - z.detach())
-            if keep is not None:
-                z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
-
-            counts = self._counts(codes)  # (G*K,), this rank's batch
-            if self.training:  # quantize and compute losses first, then update the codebook
-                self._update(z.detach(), codes, counts)
-        p = counts.view(self.groups, -1)
-        p = p / p.sum(1, keepdim=True)
-        stats = {"commit": commit.detach(),
-                 # of this batch, averaged over groups (usually below the perplexity over a whole split)
-                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum(1)).mean(),
-                 "code_usage": (counts > 0).float().mean()}
-        return z_q.reshape(shape), self._shape_codes(codes, shape), loss, stats
 
     @staticmethod
     def _mse(a, b, keep):
@@ -263,27 +195,7 @@ class VectorQuantizer(nn.Module):
             return F.mse_loss(a, b)
         return ((a - b) ** 2 * keep).sum() / (a.shape[0] * keep.sum())
 
-    def _flat(self, codes):
-        """codes (N, G) -> (G*N,) rows of the (G*K,) counts, group by group: code k of group g is row g*K + k."""
-        offsets = torch.arange(self.groups, device=codes.device) * self.codebook_size
-        return (codes + offsets).t().reshape(-1)
-
-    def _counts(self, codes):
-        """Assignments per code of each group: (G*K,), all groups at once. An index_add_ of ones rather than
-        torch.bincount, which on a GPU reads the largest index back to the host; sums of ones are exact in float32
-        (up to 2^24 per code), so the order of the GPU's atomic adds cannot change the result."""
-        flat = self._flat(codes)
-        ones = torch.ones(flat.shape[0], device=codes.device)
-        return torch.zeros(self.groups * self.codebook_size, device=codes.device).index_add_(0, flat, ones)
-
-    def _sums(self, z, codes):
-        """Sums of the parts of z (N, D) assigned to each code, (K, D) in the codebook's layout: one index_add_."""
-        K, G = self.codebook_size, self.groups
-        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the order of _flat
-        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, self._flat(codes), parts)
-        return sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
-
-    # -- codebook updates (training mode only; every rank runs the same collectives) ---------------------------------
+    # -- fitting the codebook to data: EMA, dead-code reset, k-means init (training only; same collectives on all ranks)
 
     @torch.no_grad()
     def _update(self, z, codes, counts):
@@ -343,6 +255,73 @@ class VectorQuantizer(nn.Module):
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
         self._host_initialized = True
+
+    # -- machinery: groups' layout, counts, collectives, host copies ----------------------------------------------
+    # The G sub-codebooks live in one (K, D) matrix: code k of group g is codebook[k, g*D/G:(g+1)*D/G]; counts are
+    # (G*K,), group by group. With G = 1 this is the plain quantizer.
+
+    def _lookup(self, codes):
+        """(N, G) -> (N, D); indexing, not a one-hot matmul."""
+        groups = torch.arange(self.groups, device=codes.device)
+        return self._by_group(self.codebook)[groups, codes].reshape(codes.shape[0], self.dim)  # via (N, G, d)
+
+    def _shape_codes(self, codes, shape):
+        """(N, G) codes of vectors of `shape` (..., D) -> (...), or (..., G) when G > 1."""
+        return codes.reshape(*shape[:-1], *([self.groups] if self.groups > 1 else []))
+
+    def _flat(self, codes):
+        """codes (N, G) -> (G*N,) rows of the (G*K,) counts, group by group: code k of group g is row g*K + k."""
+        offsets = torch.arange(self.groups, device=codes.device) * self.codebook_size
+        return (codes + offsets).t().reshape(-1)
+
+    def _counts(self, codes):
+        """Assignments per code of each group: (G*K,), all groups at once. An index_add_ of ones rather than
+        torch.bincount, which on a GPU reads the largest index back to the host; sums of ones are exact in float32
+        (up to 2^24 per code), so the order of the GPU's atomic adds cannot change the result."""
+        flat = self._flat(codes)
+        ones = torch.ones(flat.shape[0], device=codes.device)
+        return torch.zeros(self.groups * self.codebook_size, device=codes.device).index_add_(0, flat, ones)
+
+    def _sums(self, z, codes):
+        """Sums of the parts of z (N, D) assigned to each code, (K, D) in the codebook's layout: one index_add_."""
+        K, G = self.codebook_size, self.groups
+        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the order of _flat
+        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, self._flat(codes), parts)
+        return sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
+
+    def _by_group(self, x):
+        """(N, D) -> (G, N, D/G), a view: the groups side by side."""
+        return x.view(x.shape[0], self.groups, -1).transpose(0, 1)
+
+    def _per_dim(self, per_code):
+        """(G*K,) values per code of each group -> (K, D), each value repeated over its group's dims."""
+        d = self.dim // self.groups
+        return per_code.view(self.groups, -1).t().repeat_interleave(d, dim=1)
+
+    # Collectives that become no-ops without a process group, so the code above calls them unconditionally.
+    @staticmethod
+    def _all_reduce(t):  # sum over ranks, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def _broadcast(t):  # rank 0's value everywhere, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(t, src=0)
+        return t
+
+    @staticmethod
+    def _gather(z):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
+        if not (dist.is_available() and dist.is_initialized()):
+            return z
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -478,7 +457,7 @@ class Model(nn.Module):
 
     def code_layout(self):
         """For prior.py: [(one image's code shape, K)] per level, in encode's order: (h, w), or (h, w, G) with
-        groups. train.py's protocol says how codes become one sequence."""
+        groups. The model protocol (README.md) says how codes become one sequence."""
         side = self.cfg.image_size // self.cfg.downsample
         shape = (side, side, self.cfg.groups) if self.cfg.groups > 1 else (side, side)
         return [(shape, self.cfg.codebook_size)]

@@ -428,7 +428,7 @@ class Model(nn.Module):
 
     def code_layout(self):
         """For prior.py: [(one image's code shape, K)] per level, in encode's order: the top grid, then the bottom
-        grid. train.py's protocol says how codes become one sequence."""
+        grid. The model protocol (README.md) says how codes become one sequence."""
         side, K = self.cfg.image_size // self.cfg.downsample, self.cfg.codebook_size
         return [((side // 2, side // 2), K), ((side, side), K)]
 

@@ -630,7 +630,7 @@ class Model(nn.Module):
         g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
-    # -- the discriminator, behind train.py's aux protocol ----------------------------------------------------------
+    # -- the discriminator, behind the protocol's aux hooks ----------------------------------------------------------
 
     def aux_module(self):
         """The discriminator, trained by train.py's second optimizer; None without one (disc_weight 0)."""
