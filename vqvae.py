@@ -81,6 +81,7 @@ class VectorQuantizer(nn.Module):
     where it is False and leaves out their loss (MGVQ's nested masking). In training mode the codebook is then
     updated, bitwise equal on every torch.distributed rank (each rank must pass the same number of vectors). All of
     it runs in float32 with autocast off: a bf16 distance matmul picks another code for about 1% of vectors.
+    Twin: vqvae2.py's VectorQuantizer, this without groups (kept equal by tests/test_twins.py and test_search.py).
     """
 
     search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are

@@ -89,8 +89,9 @@ class VectorQuantizer(nn.Module):
     In training mode it also updates the codebook (after the loss is computed), and under torch.distributed it keeps
     the codebook bitwise equal on every rank: counts and sums are all-reduced, and the vectors for initialisation and
     dead-code reset are gathered from all ranks, picked on rank 0 and broadcast (so every rank must pass the same
-    number of vectors, as with equal batches). Everything inside runs in float32 with
-    autocast off: a bf16 distance matmul picks a different code for about 1% of vectors.
+    number of vectors, as with equal batches). Everything inside runs in float32 with autocast off: a bf16 distance
+    matmul picks a different code for about 1% of vectors. Twin: vqvae.py's VectorQuantizer with groups = 1
+    (tests/test_twins.py keeps them equal bit for bit; tests/test_search.py holds every quantizer's search).
     """
 
     search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
