@@ -104,7 +104,7 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Spectra and water-filling (eval.py has the same functions; each model file stands alone)
+# Spectra and water-filling. Twins of eval.py's (this file stands alone); tests/test_twins.py keeps them equal
 
 def eigenvalues(v):
     """Eigenvalues of the covariance of the rows of v (N, D), largest first, in float64."""

@@ -29,3 +29,16 @@ def test_vqvae2_quantizer_is_vqvae_quantizer_without_groups():
             assert all(torch.equal(x, y) for x, y in zip(a, b))
         for name, value in twin.state_dict().items():
             assert torch.equal(ours.state_dict()[name], value), name
+
+
+def test_warmup_vqgan_spectra_are_eval_spectra():
+    # warmup_vqgan.py keeps its own eigenvalues and waterfill (its switch rule needs them and the file stands alone)
+    import eval as ev
+    import warmup_vqgan
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((500, 16), (40, 64), (3, 8)):
+        v = torch.randn(n, d, generator=g) * torch.rand(d, generator=g) * 5
+        eigs = ev.eigenvalues(v)
+        assert torch.equal(warmup_vqgan.eigenvalues(v), eigs)
+        for bits in (0.5, 3.0, 10.0, 80.0):
+            assert warmup_vqgan.waterfill(eigs, bits) == ev.waterfill(eigs, bits)
