@@ -73,9 +73,8 @@ class Config:
 # Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
 # Config fields or train.py settings. The CPU presets keep 128-dim vectors and the paper's eight shapes of codebook
 # (D = 128, 64, ..., 1) but a capacity of W = 4096 instead of 65,536 ([32, 128], ..., [4096, 1]): the distances
-# cost (V / D) * (W / D) * D per vector, so W = 65,536 is 16 times the work of W = 4096, where one step of the
-# adaptive model at batch 32 already takes about 0.6 s on one CPU core (most of it in the [2048, 2] codebook). On a
-# GPU use the default W (the cifar10 preset and beyond).
+# cost (V / D) * (W / D) * D per vector, so W = 65,536 is 16 times the work of W = 4096. On a GPU use the default W
+# (the cifar10 preset and beyond).
 _CPU = dict(hidden=64, res_hidden=32, capacity=4096, batch_size=32, lr=1e-3, max_iters=1500, warmup_iters=50,
             temp_anneal_iters=1500, eval_interval=500, eval_batches=10)
 PRESETS = {
@@ -251,7 +250,7 @@ class CodebookQuantizer(nn.Module):
         codes = torch.empty(P, dtype=torch.long)
         threads = torch.get_num_threads()
         # one thread: each cell's operations are small, so more threads only add their synchronisation, which on a
-        # loaded machine turns into waiting (16 s instead of 0.2 s at 262,144 x 2,048 on 2 busy cores)
+        # loaded machine turns into waiting
         torch.set_num_threads(1)
         try:
             for rows in key.argsort().split(torch.bincount(key, minlength=G * G).tolist()):

@@ -286,7 +286,7 @@ def setup_device(tcfg):
 def cpu_threads(tcfg):
     """--threads, else OMP_NUM_THREADS's number, else every usable core but one. A step waits for its slowest thread:
     with a thread on every core, one other busy process slows every step several times over, while a core left free
-    absorbs it (the README has the figures)."""
+    absorbs it (RESULTS.md, "Threads on a CPU", has the figures)."""
     if tcfg.threads:
         return tcfg.threads
     if os.environ.get("OMP_NUM_THREADS"):
