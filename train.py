@@ -534,7 +534,7 @@ def main(argv=None):
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
         if device.type == "cuda" and len(ckpt["rng"]["cuda"]):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    else:
+    else:  # a stream per rank, and a fresh one after a resume (7919, a prime, keeps seed + rank + 7919 step distinct)
         torch.manual_seed(tcfg.seed + rank + 7919 * step)
 
     if world > 1:
@@ -544,6 +544,8 @@ def main(argv=None):
         # warning about it is harmless, and after the first step gradients accumulate in the views directly.)
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         names = [n for n, p in raw_model.named_parameters() if id(p) in aux_ids]
+        # the aux part has its own optimizer and gradient averaging (average_gradients); DDP has no public way to
+        # leave parameters out of its sync, and this private one is what PyTorch's own wrappers use
         DDP._set_params_and_buffers_to_ignore_for_model(model, names)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
                     gradient_as_bucket_view=True)
