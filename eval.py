@@ -51,7 +51,8 @@ raster order for grids) and reports
   classify/...         for datasets with labels (mnist, fashion_mnist, cifar10): the PQ-VAE paper's classification
                        from codes (section 5.4.1), fitted on the train split's codes and labels, the accuracy on the
                        evaluated split from the first n codes, by the "independent" and the "1-step conditional"
-                       naive Bayes estimators (see classify_from_codes)
+                       naive Bayes estimators (see classify_from_codes); at a large K, up to the positions whose
+                       count tables fit in memory (classifiable_positions)
 """
 
 import argparse
@@ -256,6 +257,12 @@ def unigram_bits(train_codes, codes, sizes, alpha=1.0):
     counts.scatter_add_(1, train_codes.t().long(), torch.ones(n, N, dtype=torch.float64))
     p = (counts + alpha) / (N + alpha * sizes[:, None])  # (n, K_max); entries past K_t are never looked up
     return -torch.log2(p.gather(1, codes.t().long())).sum(0)  # (n, M) -> (M,)
+
+
+def classifiable_positions(n, classes, K, max_entries=2 ** 25):
+    """How many leading code positions classify_from_codes can take: its two count tables are (positions, classes, K)
+    float64 (256 MiB each at max_entries), so at a large K, adaptive_vq's 65,536, only the first positions fit."""
+    return max(1, min(n, max_entries // (classes * K)))
 
 
 def prefix_lengths(n):
@@ -560,8 +567,10 @@ def evaluate_split(model, ckpt, args, device):
             metrics[f"baseline/{name}_bits_per_image"] = bits
             metrics[f"baseline/{name}_bits_per_code"] = bits / len(sizes)
     if train_labels is not None and codes is not None:  # labelled datasets are arrays: no image is ever skipped
-        prefixes = prefix_lengths(codes.shape[1])
-        predicted = classify_from_codes(train_codes, train_labels[:len(train_codes)], codes, prefixes)
+        K = int(max(train_codes.max(), codes.max())) - int(min(train_codes.min(), codes.min())) + 1
+        n = classifiable_positions(codes.shape[1], int(max(train_labels.max(), labels.max())) + 1, K)
+        prefixes = prefix_lengths(n)
+        predicted = classify_from_codes(train_codes[:, :n], train_labels[:len(train_codes)], codes[:, :n], prefixes)
         metrics["classify/n"] = prefixes
         for name, pred in predicted.items():  # the evaluated images are the split's first len(codes), in order
             metrics[f"classify/{name}"] = (pred == labels[:len(codes), None]).mean(0).tolist()

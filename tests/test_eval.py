@@ -234,7 +234,7 @@ def test_classify_from_codes_reads_a_class_from_one_code():
     assert ev.prefix_lengths(64) == [1, 2, 4, 8, 16, 32, 64] and ev.prefix_lengths(6) == [1, 2, 4, 6]
 
 
-def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path):
+def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path, monkeypatch):
     import gzip
     import struct
 
@@ -263,6 +263,15 @@ def test_eval_cli_classifies_from_codes_when_the_dataset_has_labels(tmp_path):
         assert acc[-1] > 0.5  # three classes that differ in every row of codes: far above chance (1/3)
     assert len(metrics["codes/entropy_bits"]) == 49
     assert "classify/n" not in ev.main(common + ["--classify", "off"])
+    # count tables (positions, classes, K) that would not fit: only the leading positions that do are used (at
+    # K = 65,536 and 6,321 positions the tables would take 31 GiB)
+    with monkeypatch.context() as m:
+        m.setattr(ev.classifiable_positions, "__defaults__", (3 * 16 * 10,))  # room for 10 to 40 positions
+        capped = ev.main(common)
+    cap = capped["classify/n"][-1]
+    assert 10 <= cap < 49 and capped["classify/n"] == ev.prefix_lengths(cap)
+    for name in ("independent", "1step"):  # the leading positions' answers are those of the whole table
+        assert capped[f"classify/{name}"][:-1] == metrics[f"classify/{name}"][:len(capped["classify/n"]) - 1]
     few = ev.main(common + ["--max_batches", "1"])  # 8 images of each split, their labels the first 8
     assert few["images"] == 8 and len(few["classify/1step"]) == 7
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, 11) + bytes(11))
