@@ -634,10 +634,11 @@ def reconstruct_folder(model, ckpt, args, device):
     for start in tqdm(range(0, len(paths), args.batch_size), desc="reconstructing", unit="batch"):
         batch = [(i, images[i]) for i in range(start, min(start + args.batch_size, len(paths)))]
         skipped += [files[i] for i, image in batch if image is None]
-        kept = [i for i, image in batch if image is not None]
-        if not kept:
+        batch = [(i, image) for i, image in batch if image is not None]
+        if not batch:
             continue
-        x = torch.stack([image for _, image in batch if image is not None]).to(device)
+        kept = [i for i, _ in batch]
+        x = torch.stack([image for _, image in batch]).to(device)
         with torch.no_grad():
             x_hat = model(x)[0]
             if layout is not None:

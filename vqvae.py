@@ -78,9 +78,9 @@ class VectorQuantizer(nn.Module):
     forward(z, group_mask=None): z (..., D) -> (z_q, codes, loss, stats): z_q (..., D) the codes, with straight-through
     gradients to z; codes (...) int64, or (..., G) with groups; loss beta * ||z - sg(e)||^2 (plus ||sg(z) - e||^2 when
     the codebook is learned by gradient); stats scalar tensors for logging. A (G,) bool group_mask zeroes the groups
-    where it is False and leaves out their loss (MGVQ's nested masking). In training mode the codebook is then
-    updated, bitwise equal on every torch.distributed rank (each rank must pass the same number of vectors). All of
-    it runs in float32 with autocast off: a bf16 distance matmul picks another code for about 1% of vectors.
+    where it is False and leaves out their loss (MGVQ's nested masking; their codes still follow the encoder). In
+    training the codebook is then updated, bitwise equal on every torch.distributed rank (each rank must pass the
+    same number of vectors). All in float32, autocast off: a bf16 distance matmul picks another code for ~1% of vectors.
     Twin: vqvae2.py's VectorQuantizer, this without groups (kept equal by tests/test_twins.py and test_search.py).
     """
 

@@ -301,7 +301,6 @@ def test_beta_weighs_the_commitment_to_the_chosen_candidate_and_codebooks_take_n
     assert all(not p.requires_grad for name, p in model.named_buffers() if "codebook" in name)  # EMA only
 
 
-
 def test_the_rate_penalty_adds_the_chosen_bits_and_moves_the_choice_to_cheaper_codebooks():
     # small_config's codebooks [4, 8], [8, 4], [16, 2], [32, 1] on 8-dim vectors: (8 / D) log2 N bits per vector
     torch.manual_seed(0)
@@ -314,7 +313,8 @@ def test_the_rate_penalty_adds_the_chosen_bits_and_moves_the_choice_to_cheaper_c
     chosen = model.bits[model.encode(x)[0]].float().mean()  # the bits each vector's choice costs, by hand
     assert float(stats["bits"]) == pytest.approx(float(chosen), rel=1e-6)
     assert float(model.eval_stats(x)["bits"]) == pytest.approx(float(chosen), rel=1e-6)
-    assert float(loss.detach()) == pytest.approx(float(stats["recon"] + 0.25 * stats["commit"] + 0.5 * chosen / 8), rel=1e-6)
+    by_hand = stats["recon"] + 0.25 * stats["commit"] + 0.5 * chosen / 8  # recon + beta commit + rate_weight bits / V
+    assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-6)
     # a heavy rate weight: the selector learns to take the cheapest codebook, [4, 8]
     model = Model(small_config(rate_weight=5.0, temp_start=0.5, temp_end=0.5))
     opt = torch.optim.Adam(model.selector.parameters(), lr=0.05)
@@ -326,6 +326,8 @@ def test_the_rate_penalty_adds_the_chosen_bits_and_moves_the_choice_to_cheaper_c
         opt.step()
     model.eval()
     assert float(model.eval_stats(images(seed=99))["choice/4x8"]) > 0.9
+
+
 def test_model_learns_a_batch(overfit):
     first, last = overfit(Model(small_config(image_size=16)), steps=60)
     assert last < 0.5 * first

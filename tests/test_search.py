@@ -29,8 +29,8 @@ def lattice(N, K, D, seed=0):
 
 def searches():
     """(name, nearest(z, e) -> (N,)) for every copy of the chunked search."""
-    def vq(module, cls, **kw):
-        return lambda z, e: cls(e.shape[0], e.shape[1], init="random", **kw).nearest(z, e).reshape(-1)
+    def vq(cls):
+        return lambda z, e: cls(e.shape[0], e.shape[1], init="random").nearest(z, e).reshape(-1)
 
     def pq(z, e):
         q = pqvae.ProgressiveQuantizer(8, 64, steps=2, codebook_size=e.shape[0], channel_dim=1, spatial_dim=e.shape[1])
@@ -43,7 +43,7 @@ def searches():
     def wq(z, e):
         return warmup_vqgan.WarmupQuantizer(e.shape[0], e.shape[1]).nearest(z, e)
 
-    return [("vqvae", vq(vqvae, vqvae.VectorQuantizer)), ("vqvae2", vq(vqvae2, vqvae2.VectorQuantizer)),
+    return [("vqvae", vq(vqvae.VectorQuantizer)), ("vqvae2", vq(vqvae2.VectorQuantizer)),
             ("pqvae", pq), ("adaptive_vq", avq), ("warmup_vqgan", wq)]
 
 
