@@ -156,7 +156,7 @@ class ProgressiveQuantizer(nn.Module):
     variances are all-reduced and the vectors for k-means and resets picked on rank 0 and broadcast, so the
     codebook stays bitwise equal on every rank. Everything runs in float32 with autocast off.
 
-    forward(s) takes sub-maps s (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
+    forward(submaps) takes sub-maps (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
     """
 
     search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
@@ -190,9 +190,9 @@ class ProgressiveQuantizer(nn.Module):
         # host copies of `initialized` and `window_step`, so that a training step reads nothing back from the device
         self._host_initialized = self._host_window_step = None
 
-    def forward(self, s):
-        with torch.autocast(device_type=s.device.type, enabled=False):  # the fp32 island
-            f = s.float().transpose(-1, -2)  # (B, P, S, C): kept transposed, so each product is one large matmul
+    def forward(self, submaps):
+        with torch.autocast(device_type=submaps.device.type, enabled=False):  # the fp32 island
+            f = submaps.float().transpose(-1, -2)  # (B, P, S, C): kept transposed, so each product is one large matmul
             pinv = self.pinv()
             if self.training and self._host_initialized is None:  # once after construction or loading
                 self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
@@ -227,11 +227,11 @@ class ProgressiveQuantizer(nn.Module):
         B, P = f.shape[:2]
         pinv = pinv or self.pinv()
         # the codes and step scales as they are before this batch's update (copies: the update is in place)
-        c, scale = self.codebook.detach().float().clone(), self.step_var.sqrt()
+        codebook, scale = self.codebook.detach().float().clone(), self.step_var.sqrt()
         es, e_hats, codes, qs = [], [], [], []
         for l in range(self.steps):
             e = self.transform(f, l)  # (B, P, D)
-            u_hat, z, q = self.choose((e / scale[l]).reshape(B * P, self.dim), c)
+            u_hat, z, q = self.choose((e / scale[l]).reshape(B * P, self.dim), codebook)
             e_hat = u_hat.view(B, P, self.dim) * scale[l]  # the code, restored to step l's scale
             f = f - self.inverse(e_hat, l, pinv)  # F_(l+1) = F_l - F^_l
             es.append(e)
@@ -240,20 +240,20 @@ class ProgressiveQuantizer(nn.Module):
             qs.append(q.view(B, P, -1))
         return torch.stack(e_hats, 1), torch.stack(codes, 1), torch.cat(qs, 1), torch.stack(es, 1)
 
-    def choose(self, e, c):
-        """e (N, D), codebook c (K, D) -> (e_hat (N, D), codes (N,), q (N, K)). e_hat's value is exactly the code."""
+    def choose(self, e, codebook):
+        """e (N, D), codebook (K, D) -> (e_hat (N, D), codes (N,), q (N, K)). e_hat's value is exactly the code."""
         # -||e - c||^2 up to ||e||^2, which is the same for every code: changes neither the softmax nor the argmax
-        logits = 2 * e @ c.t() - (c * c).sum(1)  # (N, K)
+        logits = 2 * e @ codebook.t() - (codebook * codebook).sum(1)  # (N, K)
         q = logits.softmax(-1)  # q(z | x), eq. 5
         if self.training and self.code_choice == "gumbel":
             gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
             soft = ((logits + gumbel) / self.temperature).softmax(-1)  # (N, K)
             codes = soft.argmax(-1)  # argmax(logits + gumbel): the temperature does not change it
-            e_soft = soft @ c
-            e_hat = c[codes] + (e_soft - e_soft.detach())  # forward the code, plus the soft sample's gradient
+            e_soft = soft @ codebook
+            e_hat = codebook[codes] + (e_soft - e_soft.detach())  # forward the code, plus the soft sample's gradient
         else:
             codes = logits.argmax(-1)  # the nearest code (the lowest index on a tie)
-            e_hat = c[codes]
+            e_hat = codebook[codes]
         return e_hat + (e - e.detach()), codes, q  # straight-through: e^'s gradient reaches e unchanged
 
     @staticmethod
@@ -431,6 +431,13 @@ class ProgressiveQuantizer(nn.Module):
         return torch.cat(parts)
 
 
+def temperature_at(step, cfg):
+    """Gumbel-softmax temperature: temp_start * (temp_end / temp_start)^(step / temp_anneal_iters) until
+    temp_anneal_iters, then temp_end."""
+    frac = min(step / max(cfg.temp_anneal_iters, 1), 1.0)
+    return cfg.temp_start * (cfg.temp_end / cfg.temp_start) ** frac
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Encoder and decoder (dVAE-style: residual blocks in bottleneck form; strided convolutions to resample)
 
@@ -521,15 +528,9 @@ class Model(nn.Module):
 
     # -- training hooks ---------------------------------------------------------------------------------------------
 
-    def temperature_at(self, step):
-        """Exponential decay from temp_start to temp_end over temp_anneal_iters steps, then temp_end."""
-        c = self.cfg
-        t = min(step / max(c.temp_anneal_iters, 1), 1.0)
-        return c.temp_start * (c.temp_end / c.temp_start) ** t
-
     def set_step(self, step):
         """train.py calls this before every optimizer step; the temperature is a buffer, saved with the model."""
-        self.quantizer.temperature.fill_(self.temperature_at(step))
+        self.quantizer.temperature.fill_(temperature_at(step, self.cfg))
 
     # -- parts ------------------------------------------------------------------------------------------------------
 
@@ -538,7 +539,7 @@ class Model(nn.Module):
         s = partition(self.encoder(x), self.cfg.submap)
         return s.flatten(3)
 
-    def _decode_vectors(self, e_hat):
+    def _decode_latents(self, e_hat):
         """e_hat (B, L, P, D) -> (B, C, H, W)"""
         B = e_hat.shape[0]
         n = self.cfg.submap
@@ -563,7 +564,7 @@ class Model(nn.Module):
         if self.training and self.cfg.tail_dropout:  # k' ~ U{1..L*P} per image: codes k' and after become null
             keep = torch.randint(1, self.num_codes + 1, (x.shape[0],), device=x.device)
             e_hat = self._leave_out(e_hat, keep)
-        x_hat = self._decode_vectors(e_hat)
+        x_hat = self._decode_latents(e_hat)
         recon = F.mse_loss(x_hat.float(), x.float())
         return x_hat, recon + q_loss, {"recon": recon.detach(), **q_stats}
 
@@ -583,7 +584,7 @@ class Model(nn.Module):
         e_hat = self.quantizer.lookup(full.view(B, self.cfg.steps, self.positions))  # (B, L, P, D)
         if keep < self.num_codes:
             e_hat = self._leave_out(e_hat, keep)
-        return self._decode_vectors(e_hat)
+        return self._decode_latents(e_hat)
 
     def code_layout(self):
         """For prior.py: [(one image's code shape, K)]: one level, the L*P codes in step order."""
@@ -614,7 +615,7 @@ class Model(nn.Module):
         for i in positions:
             e = e_hat.clone()
             e[:, i] = null
-            out[i] = self._decode_vectors(e.view(B, self.cfg.steps, self.positions, -1))
+            out[i] = self._decode_latents(e.view(B, self.cfg.steps, self.positions, -1))
         return out
 
     def _progress(self, x):

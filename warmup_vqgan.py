@@ -542,12 +542,12 @@ class Model(nn.Module):
             raise ValueError("warmup_steps must be at least 0 (0 is the cold start)")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+        self.pre_quant = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
         self.quantizer = WarmupQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, usage_decay=cfg.usage_decay,
                                          respawn_threshold=cfg.respawn_threshold, respawn_every=cfg.respawn_every,
                                          kmeans_iters=cfg.kmeans_iters, bank_size=cfg.bank_size,
                                          switch_init=cfg.switch_init)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.post_quant = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
         self.discriminator = (Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
                               if cfg.disc_weight > 0 else None)
@@ -593,11 +593,11 @@ class Model(nn.Module):
 
     def _latents(self, x):
         """(B, C, H, W) -> pre-quantization vectors (B, h, w, D), channels last for the quantizer."""
-        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+        return self.pre_quant(self.encoder(x)).permute(0, 2, 3, 1)
 
     def _decode_latents(self, z_q):
         """(B, h, w, D) -> (B, C, H, W)"""
-        return self.decoder(self.post_quant_conv(z_q.permute(0, 3, 1, 2)))
+        return self.decoder(self.post_quant(z_q.permute(0, 3, 1, 2)))
 
     def forward(self, x):
         z = self._latents(x)  # (B, h, w, D)

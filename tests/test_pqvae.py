@@ -374,10 +374,10 @@ def test_paper_recipe_in_presets():
 
 def test_temperature_schedule_and_it_survives_a_state_dict_round_trip():
     model = Model(small_config(temp_start=1.0, temp_end=1 / 16, temp_anneal_iters=1000))
-    assert model.temperature_at(0) == pytest.approx(1.0)
-    assert model.temperature_at(500) == pytest.approx(0.25)  # halfway, on a log scale
-    assert model.temperature_at(1000) == pytest.approx(1 / 16)
-    assert model.temperature_at(5000) == pytest.approx(1 / 16)
+    assert pqvae.temperature_at(0, model.cfg) == pytest.approx(1.0)
+    assert pqvae.temperature_at(500, model.cfg) == pytest.approx(0.25)  # halfway, on a log scale
+    assert pqvae.temperature_at(1000, model.cfg) == pytest.approx(1 / 16)
+    assert pqvae.temperature_at(5000, model.cfg) == pytest.approx(1 / 16)
     model.set_step(250)
     assert float(model.quantizer.temperature) == pytest.approx(0.5)
     fresh = Model(small_config(temp_start=1.0, temp_end=1 / 16, temp_anneal_iters=1000))
@@ -402,12 +402,12 @@ def test_prefix_decoding_leaves_the_tail_out(tail_dropout):
     # by hand: the first k code vectors, then the null code (tail_dropout) or zeros (the steps left out)
     e = model.quantizer.lookup(codes.view(2, 8, 1)).flatten(1, 2).clone()  # (B, L*P, D)
     e[:, k:] = model.null_code.detach() if tail_dropout else 0.0
-    torch.testing.assert_close(got, model._decode_vectors(e.view(2, 8, 1, -1)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(got, model._decode_latents(e.view(2, 8, 1, -1)), rtol=0, atol=1e-6)
     assert not torch.allclose(got, model.decode(codes))
     # leaving out one code (code_ablation, Fig. 5): only that code replaced, the tail kept
     e = model.quantizer.lookup(codes.view(2, 8, 1)).flatten(1, 2).clone()
     e[:, 2] = model.null_code.detach() if tail_dropout else 0.0
-    torch.testing.assert_close(model.code_ablation(x)[2], model._decode_vectors(e.view(2, 8, 1, -1)), rtol=0,
+    torch.testing.assert_close(model.code_ablation(x)[2], model._decode_latents(e.view(2, 8, 1, -1)), rtol=0,
                                atol=1e-6)
     assert sorted(model.code_ablation(x)) == list(range(8))
     assert sorted(model.code_ablation(x, max_positions=3)) == [0, 4, 7]
