@@ -29,6 +29,7 @@ import time
 import torch
 
 import train
+import train_utils
 import vqvae2
 from vqvae import VectorQuantizer
 
@@ -198,7 +199,7 @@ def bench_training(argv, steps, device):
     tcfg, mcfg, module, _ = train.resolve_config(argv)
     torch.manual_seed(0)
     model = module.Model(mcfg).to(device)
-    dtype = train.amp_dtype(tcfg, device)
+    dtype = train_utils.amp_dtype(tcfg, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tcfg.lr)
@@ -328,9 +329,9 @@ def bench_loading(argv, batches, workers):
     number of DataLoader workers, on the dataset and data_dir of the train.py settings."""
     for n in workers:
         tcfg, mcfg, _, _ = train.resolve_config(argv + ["--num_workers", str(n)])
-        loader, _, sampler = train.make_loaders(tcfg, mcfg, torch.device("cpu"), 0, 1)
-        stream = train.batches(loader, sampler, tcfg.batch_size, 0, train.Unreadable(),
-                               (mcfg.in_channels, mcfg.image_size, mcfg.image_size))
+        loader, _, sampler = train_utils.make_loaders(tcfg, mcfg, torch.device("cpu"), 0, 1)
+        stream = train_utils.batches(loader, sampler, tcfg.batch_size, 0, train_utils.Unreadable(),
+                                     (mcfg.in_channels, mcfg.image_size, mcfg.image_size))
         next(stream)  # workers started, files opened
         t0 = time.perf_counter()
         for _ in range(batches):
@@ -368,7 +369,7 @@ def main():
                    "compiled, at the celeba preset, with a sync check, then torchrun on every GPU: one table")
     args, train_argv = p.parse_known_args()
     tcfg, _, _, _ = train.resolve_config(train_argv)
-    device = torch.device(train.device_name(tcfg))
+    device = torch.device(train_utils.device_name(tcfg))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.loading:
         bench_loading(train_argv, args.batches, [int(w) for w in args.loading.split(",")])

@@ -14,6 +14,7 @@ import torch
 
 import eval as evaluation
 import train
+import train_utils
 import vqvae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def test_dataset_fills_image_settings_and_presets_sit_below_the_command_line():
 
 def test_optional_types_and_bounds():
     from typing import Optional
-    assert train.convert("k", "none", Optional[int]) is None and train.convert("k", "5", int | None) == 5
+    assert train_utils.convert("k", "none", Optional[int]) is None and train_utils.convert("k", "5", int | None) == 5
     for argv, message in [(["--eval_batches", "0"], "--eval_batches must be at least 1"),
                           (["--lr", "inf"], "--lr must be positive and finite"),
                           (["--lr_decay_iters", "0"], "--lr_decay_iters >= 1"),
@@ -228,7 +229,7 @@ def test_sigkill_while_training_leaves_a_checkpoint_that_loads(tmp_path):
 
 def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    train_utils.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
 
     def crashing_save(obj, f):  # writes half a checkpoint, then the process "dies"
         f.write(b"\x80\x02partial")
@@ -236,7 +237,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+        train_utils.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["step"] == 1
 
@@ -479,14 +480,14 @@ def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkey
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
+    train_utils.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)
     for error in (OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file")):
         def full_disk(obj, f):  # writes part of the checkpoint, then the disk is full
             f.write(b"\x80\x02partial")
             raise error
         monkeypatch.setattr(torch, "save", full_disk)
         with pytest.raises(SystemExit, match=r"cannot write .*ckpt.pt.*the previous checkpoint .*ckpt.pt is kept"):
-            train.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
+            train_utils.save_checkpoint({"step": 2, "w": torch.zeros(1000)}, path)
         monkeypatch.undo()
         assert not os.path.exists(path + ".tmp")
         assert torch.load(path, weights_only=True)["step"] == 1
@@ -582,7 +583,7 @@ def test_cpu_threads_leave_one_core_free_unless_told(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     for cores, expected in ((1, 1), (2, 1), (16, 15)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-        assert train.cpu_threads(train.TrainConfig()) == expected
-    assert train.cpu_threads(train.TrainConfig(threads=3)) == 3
+        assert train_utils.cpu_threads(train.TrainConfig()) == expected
+    assert train_utils.cpu_threads(train.TrainConfig(threads=3)) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert train.cpu_threads(train.TrainConfig()) == torch.get_num_threads()  # the environment's choice stands
+    assert train_utils.cpu_threads(train.TrainConfig()) == torch.get_num_threads()  # the environment's choice stands

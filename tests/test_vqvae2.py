@@ -9,6 +9,7 @@ import torch
 import data
 import eval as evaluation
 import train
+import train_utils
 import vqvae
 import vqvae2
 from vqvae2 import Config, Model, VectorQuantizer, matched_single_level
@@ -137,7 +138,7 @@ def test_no_exact_match_is_reported_with_the_nearest_settings():
 def test_matched_settings_are_vqvae_fields_and_copy_every_shared_setting():
     cfg = Config(image_size=32, hidden=24, codebook_size=160, code_dim=8, init="data", dead_code_threshold=3.0)
     s = matched_single_level(cfg)["config"]
-    assert set(s) <= {f for f in train.field_types(vqvae.Config)}
+    assert set(s) <= {f for f in train_utils.field_types(vqvae.Config)}
     assert (s["hidden"], s["init"], s["dead_code_threshold"]) == (24, "data", 3.0)
     # another grid for the single level: the top one (4x4 for 32x32 images)
     match = matched_single_level(cfg, downsample=8)
