@@ -1,38 +1,33 @@
 """
-Progressive quantization VAE (PQ-VAE), with ordered 1-D codes and nested tail dropout.
+Progressive quantization VAE (PQ-VAE): ordered 1-D codes, coarse to fine, with optional nested tail dropout.
 
-Papers:
-  - "PQ-VAE: Learning Hierarchical Discrete Representations with Progressive Quantization", Huang, Qiu and Sapiro:
-    progressive quantization with step-specific transforms, feature-map partitioning, an entropy regulariser (eq. 5).
-  - "'Principal Components' Enable A New Language of Images" (Semanticist), Wen et al., 2025: nested tail dropout
-    (its "nested CFG"): in training, every code after a random cut-off is replaced by a learnable null code, so
-    that every prefix of the code sequence decodes to a sensible image.
+Papers: "PQ-VAE: Learning Hierarchical Discrete Representations with Progressive Quantization", Huang, Qiu and
+Sapiro (ICLR 2024 submission, OpenReview); "'Principal Components' Enable A New Language of Images" (Semanticist),
+Wen et al., 2025 (arXiv:2503.08685): nested tail dropout, the codes after a random cut-off become a null code.
 
-The idea. An encoder maps the image to a feature map F of `feature_dim` channels (512 in the paper). Instead of
-quantizing each spatial vector, PQ-VAE quantizes the whole map in L steps, coarse to fine (Algorithm 1):
+The idea. An encoder maps the image to a feature map F, quantized as a whole in L steps, coarse to fine (Algorithm 1):
     e_l = T_l(F_l) = W_c,l^T . F_l . W_s,l      a (channel_dim x spatial_dim) = 4 x 16 = 64-dim vector
     e^_l, z_l = VQ(e_l)                         one codebook of K = 256 codes shared by all steps
     F^_l = T_l^-1(e^_l)                         with the pseudo-inverses of W_c,l^T and W_s,l
     F_(l+1) = F_l - F^_l                        the next step quantizes what is left
-and the decoder sees sum_l F^_l. So z_1 carries the most, and any prefix z_1..z_l decodes to an approximation.
-Large maps are first partitioned (Fig. 2): the map is cut into an 8 x 8 grid of patches, and the vectors at the same
-relative position inside each patch form one (C, 8, 8) sub-map, P = HW / 64 of them, each spanning the whole image.
-The P sub-maps are quantized in parallel, with the same transforms, so an image has L * P codes, ordered step by
-step: code l * P + p is step l of sub-map p. The loss is the reconstruction error plus lambda_h times eq. 5's
-mutual-information term, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident for each image, uniform over the batch.
+The decoder sees sum_l F^_l, so any prefix decodes. Large maps are cut into P = HW / 64 sub-maps (C, 8, 8), each
+spanning the image (Fig. 2), quantized in parallel: code l * P + p is step l of sub-map p. The loss adds lambda_h
+times eq. 5, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident per image, uniform over the batch.
 
-Where we depart from the paper (each in Config): the paper samples codes by Gumbel-softmax from a random codebook
-learned by gradient alone. Such a codebook never moves, the softmax is one-hot and unchosen codes get no gradient,
-so whole code positions carry nothing. Here VQ picks the nearest code, with VQ-VAE's straight-through gradient and
-commitment term, and the codebook is fitted to data as in vqvae.py: k-means initialisation, EMA, dead-code reset.
-The Gumbel-softmax stays as an option for the code choice (`--code_choice gumbel`; the codebook is fitted as
-above). And since one codebook serves every step, each step's vectors are brought to one scale and one centre
-first (step_norm, center_weight).
+Where this departs from the papers:
+  - The nearest code, straight-through with a commitment term (VQ-VAE), not the paper's Gumbel-softmax sample
+    (`--code_choice gumbel`): its random codebook, learned by gradient alone, barely moves; positions carry nothing.
+  - The codebook is fitted to data as in vqvae.py: k-means on the first batch, EMA, dead-code reset.
+  - Per-step scale (`step_norm`, `center_weight`): the codebook sees e_l over its step's running scale, each
+    step's batch mean pulled to 0 (the scaling hides it from the loss), so every step uses the whole codebook;
+    else early steps sit off-centre, spread little and carry almost nothing.
+  - Eq. 5 is averaged over the L * P positions (the paper sums over l), so lambda_h is independent of L * P.
+  - lambda_h, the Gumbel schedule (dVAE's), AdamW and step counts are ours; the CPU presets are much narrower.
+  - Tail dropout draws the cut-off per image, not per batch: each batch trains many prefix lengths.
 
 Train it:  python train.py --model pqvae [--dataset mnist --data_dir DIR] [--tail_dropout true]
-Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (MSE from the first n codes, the MSE
-           increase when one code is removed and the entropy per position: the paper's Fig. 5; classification
-           from the codes, Fig. 4)
+Evaluate:  python eval.py --ckpt out/pqvae_mnist/ckpt.pt --split test   (Fig. 5: prefix MSE, one-code ablation,
+           entropy per position; Fig. 4: classification from codes)
 """
 
 import math
@@ -46,53 +41,39 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    # data (train.py fills these from the dataset; override on the command line)
+    # data (train.py fills these from the dataset)
     image_size: int = 32
     in_channels: int = 3
-    # encoder / decoder (dVAE-style residual blocks, 3 per side)
+    # encoder / decoder (dVAE-style)
     hidden: int = 256  # channels of the convolutional path
-    res_blocks: int = 3  # residual blocks per side (paper: 3)
-    downsample: int = 4  # image side / feature-map side, a power of 2. With 4, L = 64 steps give the paper's code
-    # counts: 32x32 -> 8x8 map, P = 1, 64 codes; 64x64 -> P = 4, 256 codes; 128x128 -> P = 16, 1024 codes
-    feature_dim: int = 512  # C, channels of the feature map that is quantized (paper: 512)
-    # progressive quantizer
-    submap: int = 8  # the map is cut into submap x submap patches; sub-maps are (C, submap, submap) (paper: 8)
-    steps: int = 64  # L, quantization steps per sub-map; codes per image = steps * P
-    spatial_dim: int = 16  # W_s,l: (submap^2 x spatial_dim) = 64 x 16 (paper)
-    channel_dim: int = 4  # W_c,l: (feature_dim x channel_dim) = 512 x 4 (paper); code vectors have 4 * 16 = 64 dims
-    codebook_size: int = 256  # K, one codebook shared by all steps (paper: 256)
-    # The code choice. "nearest": the nearest code, its gradient passed straight through to e (VQ-VAE). "gumbel":
-    # the paper's Gumbel-softmax, hard: the code drawn is argmax(logits + noise) at any temperature, often not the
-    # nearest one; the temperature only shapes the gradient of the soft sample, which is added to the straight-through.
-    code_choice: str = "nearest"
-    temp_start: float = 1.0  # Gumbel temperature, decayed exponentially to temp_end over temp_anneal_iters steps
-    temp_end: float = 0.0625  # (dVAE's schedule shape; the paper is silent). Used by code_choice "gumbel" only
-    temp_anneal_iters: int = 25000
-    # Fitting the codebook to data. The paper learns it by gradient alone; we fit it as vqvae.py does (docstring).
-    beta: float = 0.25  # commitment weight: beta * ||e - sg(code)||^2 keeps e near its codes (VQ-VAE)
-    ema: bool = True  # codes follow the EMA mean of the vectors that chose them; false: the loss ||sg(e) - code||^2
+    res_blocks: int = 3  # residual blocks per side (paper)
+    downsample: int = 4  # image side / map side, a power of 2 (the paper's code counts)
+    feature_dim: int = 512  # C, channels of the quantized feature map (paper)
+    # progressive quantizer (Algorithm 1)
+    submap: int = 8  # sub-maps are (C, submap, submap) (paper)
+    steps: int = 64  # L, steps per sub-map; codes per image = L * P
+    spatial_dim: int = 16  # W_s,l is (submap^2, spatial_dim) (paper)
+    channel_dim: int = 4  # W_c,l is (C, channel_dim) (paper); D = channel_dim * spatial_dim
+    codebook_size: int = 256  # K, one codebook for all steps (paper)
+    code_choice: str = "nearest"  # ours; "gumbel": the paper's hard Gumbel-softmax
+    temp_start: float = 1.0  # Gumbel temperature, decayed exponentially (ours)
+    temp_end: float = 0.0625  # ours
+    temp_anneal_iters: int = 25000  # ours: steps of the decay
+    # fitting the codebook to data (ours, as vqvae.py)
+    beta: float = 0.25  # commitment weight (VQ-VAE)
+    ema: bool = True  # EMA codebook (VQ-VAE); false: a codebook loss
     decay: float = 0.99  # EMA decay (VQ-VAE)
     eps: float = 1e-5  # Laplace smoothing of the EMA counts
-    kmeans_iters: int = 10  # the codebook starts as k-means of the first batch's e_l, all steps; 0: a random sample
-    dead_code_threshold: float = 2.0  # codes chosen fewer times than this over a window move onto a u_l; 0: never
+    kmeans_iters: int = 10  # k-means on the first batch's u_l; 0: a random sample
+    dead_code_threshold: float = 2.0  # codes used fewer times per window move onto a u_l; 0: never
     dead_code_window: int = 10  # batches per window
-    # Our addition, so that every step can use the whole shared codebook: without it the early steps' vectors sit
-    # off-centre and spread little, few codes are near them, and early code positions carry almost nothing.
-    step_norm: bool = True  # the codebook sees each step's e_l divided by that step's running scale (EMA, decay)
-    center_weight: float = 0.002  # weight of the pull of each step's batch mean to 0, in units of its scale
-    # eq. 5's weight (the paper is silent). The term lies in [-log K, log K]; we average it over the L * P positions
-    # (the paper sums over l), so the value does not depend on the number of codes.
-    lambda_h: float = 1e-3
-    # nested tail dropout (Semanticist). We draw the cut-off k' ~ U{1..L*P} per image (not per batch), so each
-    # batch trains many prefix lengths at once; codes k' and after are replaced by a learnable null code.
-    tail_dropout: bool = False
+    step_norm: bool = True  # ours: the codebook sees e_l / its step's running scale
+    center_weight: float = 0.002  # ours: weight of the steps' squared batch means
+    lambda_h: float = 1e-3  # eq. 5's weight (ours: the paper is silent)
+    tail_dropout: bool = False  # Semanticist's nested tail dropout
 
 
-# Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. The paper's
-# optimiser settings everywhere (lr 1e-3, annealed by exp(-step / 25000)); the optimizer (AdamW, train.py's, with
-# weight decay 0, i.e. Adam) and the step counts are not in the paper: chosen for the budgets. The CPU presets
-# (shapes, mnist, fashion_mnist) are much narrower than the paper (feature_dim 64, hidden 32, batch 32) so that
-# 2000 steps take minutes on a laptop CPU; the others keep the paper's 512 channels and batch sizes.
+# train.py: PRESETS[dataset] over the defaults, under the command line. lr and schedule: the paper's.
 _PAPER = dict(lr=1e-3, lr_schedule="exp", lr_decay_iters=25000, warmup_iters=0)
 _CPU = dict(_PAPER, hidden=32, feature_dim=64, batch_size=32, max_iters=2000, temp_anneal_iters=2000,
             eval_interval=500)
@@ -106,13 +87,10 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Feature-map partitioning (Fig. 2)
 
 def partition(f, submap=8):
-    """(B, C, H, W) -> (B, P, C, submap, submap), P = HW / submap^2. The map is an submap x submap grid of patches of
-    (H/submap, W/submap) vectors; sub-map p = (i, j) gathers the vector at relative position (i, j) of every patch,
-    i.e. f[:, :, i::H/submap, j::W/submap]."""
+    """(B, C, H, W) -> (B, P, C, submap, submap): sub-map (i, j) is f[:, :, i::H/submap, j::W/submap]."""
     B, C, H, W = f.shape
     sh, sw = H // submap, W // submap
     f = f.view(B, C, submap, sh, submap, sw)  # [b, c, patch row, i, patch col, j]
@@ -126,40 +104,21 @@ def unpartition(s, height, width):
     return s.view(B, sh, sw, C, n, n).permute(0, 3, 4, 1, 5, 2).reshape(B, C, height, width)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The progressive quantizer (Algorithm 1)
 
 class ProgressiveQuantizer(nn.Module):
-    """PQ-VAE's progressive quantizer (Algorithm 1), with a codebook fitted to data. Depends on torch only: copy it
-    into your project.
+    """PQ-VAE's progressive quantizer (Algorithm 1), codebook fitted to data; needs torch only.
 
-    Step l turns each (C, S) sub-map F_l (S = submap^2 spatial positions) into e_l = W_c,l^T F_l W_s,l, a
-    (channel_dim, spatial_dim) matrix read as one vector of D = channel_dim * spatial_dim dims, picks a code of the
-    shared codebook (K, D), maps it back with the pseudo-inverses, F^_l = (W_c,l^T)^+ e^_l W_s,l^+, and passes on the
-    residual F_l - F^_l. For full-rank W (almost surely), (W_c^T)^+ = W_c (W_c^T W_c)^-1 and W_s^+ = (W_s^T W_s)^-1
-    W_s^T, computed by solves of small (channel_dim and spatial_dim square) systems, with gradients.
+    Step l: e_l = W_c,l^T F_l W_s,l per sub-map F_l (C, S), a D-dim vector; c, the code nearest to u_l = e_l / s_l
+    (s_l: the step's running scale); F^_l = (W_c,l^T)^+ (s_l c) W_s,l^+; F_(l+1) = F_l - F^_l. Loss: beta *
+    commitment + center_weight * (steps' batch means of u)^2 + lambda_h * eq. 5 (+ codebook loss if not ema).
+    Float32; the codebook stays bitwise equal across DDP ranks. Twin: vqvae.py's VectorQuantizer fits its codebook
+    by the same rules (pinned here by tests/test_pqvae.py).
 
-    The codebook sees each step's vector scaled, u_l = e_l / s_l, by that step's running scale s_l, and e^_l = s_l c;
-    a penalty, center_weight * mean_l ||batch mean of u_l||^2 / D, pulls each step's batch mean to 0, so that all
-    steps share one centre (step_norm and center_weight, our addition: steps whose vectors sit off-centre or spread
-    little would find only a few codes near them otherwise). The code is the nearest one (or a Gumbel-softmax sample,
-    code_choice "gumbel", training only), and the gradient of e^_l reaches e_l unchanged (straight-through).
-    q(z_l | x) = softmax(-||u_l - c_k||^2) is eq. 5's posterior. The loss is beta * ||e - sg(e^)||^2 + the penalty
-    + lambda_h * eq. 5, plus ||sg(u) - code||^2 when ema is off.
-
-    The codebook is fitted to data as in vqvae.VectorQuantizer (its twin; tests/test_pqvae.py pins the same rules):
-    k-means on the first training batch's u_l of every step, found by running Algorithm 1 with e^_l = e_l (there is
-    no codebook yet: our choice, the paper's codebook is random); then moved toward the u_l that chose each code by
-    EMA (or by its own loss); codes chosen fewer than dead_code_threshold times over dead_code_window batches move
-    onto a u_l of the batch, their EMA state with them. The step scales start from the first batch and follow an
-    EMA with the same decay. All of it lives in buffers. Under torch.distributed the counts, sums and step
-    variances are all-reduced and the vectors for k-means and resets picked on rank 0 and broadcast, so the
-    codebook stays bitwise equal on every rank. Everything runs in float32 with autocast off.
-
-    forward(submaps) takes sub-maps (B, P, C, S) and returns (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
+    forward(submaps (B, P, C, S)) -> (e_hat (B, L, P, D), codes (B, L, P), loss, stats).
     """
 
-    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
+    search_block = 2 ** 22  # distances per search chunk (16 MiB)
 
     def __init__(self, channels, positions, steps=64, channel_dim=4, spatial_dim=16, codebook_size=256,
                  code_choice="nearest", temperature=1.0, beta=0.25, lambda_h=1e-3, ema=True, decay=0.99, eps=1e-5,
@@ -172,43 +131,41 @@ class ProgressiveQuantizer(nn.Module):
         self.beta, self.lambda_h, self.ema, self.decay, self.eps = beta, lambda_h, ema, decay, eps
         self.kmeans_iters, self.step_norm, self.center_weight = kmeans_iters, step_norm, center_weight
         self.dead_code_threshold, self.dead_code_window = dead_code_threshold, dead_code_window
-        # scaled so that e has about the size of F's entries
+        # so e has about the size of F's entries
         self.w_c = nn.Parameter(torch.randn(steps, channels, channel_dim) / math.sqrt(channels))  # W_c,l (C, c)
         self.w_s = nn.Parameter(torch.randn(steps, positions, spatial_dim) / math.sqrt(positions))  # W_s,l (S, s)
-        codebook = torch.randn(codebook_size, self.dim)  # replaced by k-means on the first training batch
+        codebook = torch.randn(codebook_size, self.dim)  # replaced by k-means
         if ema:  # moved by EMA, not by the optimizer
             self.register_buffer("codebook", codebook)
         else:
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("ema_count", torch.ones(codebook_size))  # N_k, EMA of assignment counts
-        self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of the sums of assigned vectors
+        self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of assigned sums
         self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in this dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
-        self.register_buffer("step_var", torch.ones(steps))  # EMA of each step's variance of e_l, per dimension
+        self.register_buffer("step_var", torch.ones(steps))  # s_l^2, EMA of each step's variance
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("temperature", torch.tensor(float(temperature)))  # Gumbel's; set by Model.set_step
-        # host copies of `initialized` and `window_step`, so that a training step reads nothing back from the device
+        # host copies: training steps read nothing from the device
         self._host_initialized = self._host_window_step = None
 
     def forward(self, submaps):
         with torch.autocast(device_type=submaps.device.type, enabled=False):  # the fp32 island
-            f = submaps.float().transpose(-1, -2)  # (B, P, S, C): kept transposed, so each product is one large matmul
+            f = submaps.float().transpose(-1, -2)  # (B, P, S, C): one matmul per product
             pinv = self.pinv()
             if self.training and self._host_initialized is None:  # once after construction or loading
                 self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
             if self.training and not self._host_initialized:
                 self._init_codebook(f.detach(), [p.detach() for p in pinv])
-            e_hat, codes, q, e = self.progress(f, pinv)  # (B, L, P, D), (B, L, P), (B, L*P, K), (B, L, P, D)
+            e_hat, codes, q, e = self.progress(f, pinv)
 
-            # quantize and compute the losses first, then update the codebook
-            commit = F.mse_loss(e, e_hat.detach())  # e_hat's value is exactly the chosen code, restored
+            commit = F.mse_loss(e, e_hat.detach())  # e_hat's value is the code
             entropy = self.entropy_term(q)
-            u = self.scaled(e)  # (B, L, P, D), as the codebook sees them
-            center = (u.mean((0, 2)) ** 2).mean()  # each step's batch mean, in units of its scale, pulled to 0
-            # (the scaling hides the mean from the loss otherwise, and it drifts: the steps' clouds move apart)
+            u = self.scaled(e)  # as the codebook sees e
+            center = (u.mean((0, 2)) ** 2).mean()  # each step's squared batch mean
             loss = self.beta * commit + self.center_weight * center + self.lambda_h * entropy
             u = u.detach()
-            if not self.ema:  # the codebook's own loss, where the codebook lives
+            if not self.ema:  # the codebook's own loss
                 loss = loss + F.mse_loss(self.codebook.float()[codes], u)
             counts = self._counts(codes.flatten())  # (K,), this rank's batch
             if self.training:
@@ -222,17 +179,17 @@ class ProgressiveQuantizer(nn.Module):
         return e_hat, codes, loss, stats
 
     def progress(self, f, pinv=None):
-        """Algorithm 1 on transposed sub-maps f (B, P, S, C): (e_hat (B, L, P, D), codes (B, L, P), q (B, L*P, K),
-        e (B, L, P, D)), the chosen code vectors, their indices, q(z_l | x) and the vectors before quantization."""
+        """Algorithm 1 on transposed sub-maps f (B, P, S, C) -> e_hat (B, L, P, D), codes (B, L, P),
+        q(z_l | x) (B, L*P, K), e (B, L, P, D)."""
         B, P = f.shape[:2]
         pinv = pinv or self.pinv()
-        # the codes and step scales as they are before this batch's update (copies: the update is in place)
+        # pre-update copies: the update is in place
         codebook, scale = self.codebook.detach().float().clone(), self.step_var.sqrt()
         es, e_hats, codes, qs = [], [], [], []
         for l in range(self.steps):
             e = self.transform(f, l)  # (B, P, D)
             u_hat, z, q = self.choose((e / scale[l]).reshape(B * P, self.dim), codebook)
-            e_hat = u_hat.view(B, P, self.dim) * scale[l]  # the code, restored to step l's scale
+            e_hat = u_hat.view(B, P, self.dim) * scale[l]  # restored to step l's scale
             f = f - self.inverse(e_hat, l, pinv)  # F_(l+1) = F_l - F^_l
             es.append(e)
             e_hats.append(e_hat)
@@ -241,32 +198,34 @@ class ProgressiveQuantizer(nn.Module):
         return torch.stack(e_hats, 1), torch.stack(codes, 1), torch.cat(qs, 1), torch.stack(es, 1)
 
     def choose(self, e, codebook):
-        """e (N, D), codebook (K, D) -> (e_hat (N, D), codes (N,), q (N, K)). e_hat's value is exactly the code."""
-        # -||e - c||^2 up to ||e||^2, which is the same for every code: changes neither the softmax nor the argmax
+        """e (N, D), codebook (K, D) -> (e_hat (N, D), codes (N,), q (N, K)); e_hat's value is the code."""
+        # -||e - c||^2 + ||e||^2: the same softmax and argmax
         logits = 2 * e @ codebook.t() - (codebook * codebook).sum(1)  # (N, K)
         q = logits.softmax(-1)  # q(z | x), eq. 5
         if self.training and self.code_choice == "gumbel":
             gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-10, 1 - 1e-7)))
             soft = ((logits + gumbel) / self.temperature).softmax(-1)  # (N, K)
-            codes = soft.argmax(-1)  # argmax(logits + gumbel): the temperature does not change it
+            codes = soft.argmax(-1)  # the temperature does not change the argmax
             e_soft = soft @ codebook
-            e_hat = codebook[codes] + (e_soft - e_soft.detach())  # forward the code, plus the soft sample's gradient
+            e_hat = codebook[codes] + (e_soft - e_soft.detach())  # the code, with the soft sample's gradient
         else:
-            codes = logits.argmax(-1)  # the nearest code (the lowest index on a tie)
+            codes = logits.argmax(-1)  # ties to the lowest index
             e_hat = codebook[codes]
-        return e_hat + (e - e.detach()), codes, q  # straight-through: e^'s gradient reaches e unchanged
+        return e_hat + (e - e.detach()), codes, q  # straight-through: e^'s gradient reaches e
 
     @staticmethod
     def entropy_term(q):
-        """Eq. 5's term for q of shape (B, M, K): code probabilities of B images at M code positions. Returns the mean
-        over positions of [mean over images of H(q(z|x))  -  H(mean over images of q(z|x))], in nats."""
+        """Eq. 5 for q (B, M, K), B images at M positions: mean_x H(q(z|x)) - H(mean_x q(z|x)), mean over
+        positions, in nats."""
         h_cond = -(q * torch.log(q + 1e-10)).sum(-1).mean(0)  # (M,)
-        q_mean = q.mean(0)  # (M, K), the batch's aggregated posterior
+        q_mean = q.mean(0)  # (M, K) aggregated posterior
         h_marg = -(q_mean * torch.log(q_mean + 1e-10)).sum(-1)  # (M,)
         return (h_cond - h_marg).mean()
 
+    # -- the transforms T_l and their inverses
+
     def pinv(self):
-        """The pseudo-inverses (W_c,l^T)^+ (L, C, c) and W_s,l^+ (L, s, S), for full-rank W."""
+        """(W_c,l^T)^+ (L, C, c) and W_s,l^+ (L, s, S), for full-rank W."""
         wc, ws = self.w_c.float(), self.w_s.float()
         wc_pinv = torch.linalg.solve(wc.transpose(1, 2) @ wc, wc.transpose(1, 2)).transpose(1, 2)  # W_c (W_c^T W_c)^-1
         ws_pinv = torch.linalg.solve(ws.transpose(1, 2) @ ws, ws.transpose(1, 2))  # (W_s^T W_s)^-1 W_s^T
@@ -294,21 +253,20 @@ class ProgressiveQuantizer(nn.Module):
         return e / self.step_var.sqrt()[:, None, None]
 
     def lookup(self, codes):
-        """codes (..., L, P) -> code vectors (..., L, P, D), each restored to its step's scale, by indexing."""
+        """codes (..., L, P) -> code vectors (..., L, P, D), each restored to its step's scale."""
         return self.codebook.detach().float()[codes] * self.step_var.sqrt()[:, None, None]
 
-    # -- fitting the codebook to data (training mode only; every rank runs the same collectives) ---------------------
+    # -- fitting the codebook to data (training only; the same collectives on every rank)
 
     @torch.no_grad()
     def _update(self, e, u, codes, counts):
-        """EMA of counts and sums over all ranks, then the dead-code window, then the step scales. e (B, L, P, D)
-        as the steps gave them, u (N, D) scaled as the codebook sees them, codes (N,), counts (K,)."""
+        """EMA of counts and sums over all ranks, dead-code window, step scales. e (B, L, P, D), u (N, D) scaled."""
         counts = self._all_reduce(counts.clone())
         if self.ema:
             sums = self._all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, codes, u))  # (K, D)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-            # Laplace smoothing keeps an unused code's count above zero so the division is safe
+            # Laplace smoothing: no count is zero
             n = self.ema_count.sum()
             count = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n
             self.codebook.copy_(self.ema_sum / count[:, None])
@@ -323,8 +281,7 @@ class ProgressiveQuantizer(nn.Module):
             self.step_var.mul_(self.decay).add_(var, alpha=1 - self.decay)
 
     def _step_var(self, e):
-        """Each step's variance per dimension (L,) of e (L, N, D), about its mean, over all ranks' vectors (N equal
-        on all ranks, as for _gather)."""
+        """Each step's variance per dim (L,) of e (L, N, D), over all ranks (N equal on all)."""
         n = e.shape[1] * (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
         mean = self._all_reduce(e.sum(1)) / n
         var = self._all_reduce(((e - mean[:, None]) ** 2).sum((1, 2))) / (n * self.dim)
@@ -332,12 +289,11 @@ class ProgressiveQuantizer(nn.Module):
 
     @torch.no_grad()
     def _reset_dead_codes(self, u):
-        """Move every code chosen fewer than dead_code_threshold times in the window onto a random u_l of this batch
-        (drawn from all ranks' by rank 0, broadcast), and reset its EMA count and sum with it, or the next EMA step
-        would drag it back."""
-        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
+        """Move codes used < dead_code_threshold times in the window onto random u_l of the batch (all ranks',
+        drawn on rank 0), EMA state too, or the EMA would drag them back."""
+        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks
         u = self._gather(u)  # (world * N, D)
-        # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
+        # K candidates, used where dead: every rank runs the same collectives
         candidates = self._broadcast(u[torch.randint(0, u.shape[0], (self.codebook_size,), device=u.device)])
         self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
         self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
@@ -348,9 +304,8 @@ class ProgressiveQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_codebook(self, f, pinv):
-        """The step scales and then k-means on the scaled e_l of every step of this batch (all ranks'),
-        Algorithm 1 run with e^_l = e_l since there is no codebook yet; computed on each rank and broadcast from rank
-        0. f (B, P, S, C) as in forward."""
+        """Step scales, then k-means on all steps' scaled e_l of the batch (all ranks'), broadcast from rank 0.
+        Algorithm 1 runs with e^_l = e_l: there is no codebook yet."""
         es = []
         for l in range(self.steps):
             e = self.transform(f, l)  # (B, P, D)
@@ -361,30 +316,23 @@ class ProgressiveQuantizer(nn.Module):
             self.step_var.copy_(self._step_var(e))
         e = self._gather(self.scaled(e[None]).reshape(-1, self.dim))  # (world * L * B * P, D)
         idx = torch.randperm(e.shape[0], device=e.device)[:self.codebook_size]
-        if idx.numel() < self.codebook_size:  # fewer vectors than codes: sample with replacement
+        if idx.numel() < self.codebook_size:  # fewer vectors than codes: with replacement
             idx = torch.randint(0, e.shape[0], (self.codebook_size,), device=e.device)
         codebook = e[idx].clone()  # (K, D)
-        for _ in range(self.kmeans_iters):  # Lloyd's iterations; an empty cluster keeps its previous centre
+        for _ in range(self.kmeans_iters):  # Lloyd's; an empty cluster keeps its centre
             codes = self.nearest(e, codebook)
             counts = self._counts(codes)[:, None]
             sums = torch.zeros_like(codebook).index_add_(0, codes, e)
             codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
         self._broadcast(codebook)
         self.codebook.copy_(codebook)
-        self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
+        self.ema_sum.copy_(codebook)  # with ema_count 1: the EMA starts here
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
         self._host_initialized = True
 
-    # -- machinery ---------------------------------------------------------------------------------------------------
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
-
     def nearest(self, e, codebook):
-        """Index of the nearest row of codebook (K, D) for each row of e (N, D), in chunks of rows so that the
-        distance block stays at search_block entries whatever N is (k-means over a large first batch)."""
+        """Nearest code (N,) for e (N, D), in chunks of search_block distances whatever N is."""
         c_sq = (codebook * codebook).sum(1)  # (K,)
         chunk = max(1, self.search_block // codebook.shape[0])
         return torch.cat([self._argmin(c_sq - 2 * e[i:i + chunk] @ codebook.t()) for i in range(0, e.shape[0], chunk)])
@@ -404,12 +352,12 @@ class ProgressiveQuantizer(nn.Module):
         return best.squeeze(-1) * B + inside.argmin(-1)
 
     def _counts(self, codes):
-        """Assignments per code (K,) of codes (N,). An index_add_ of ones rather than torch.bincount, which on a GPU
-        reads the largest index back to the host; sums of ones are exact in float32 up to 2^24."""
+        """Assignments per code (K,): index_add_ of ones (exact to 2^24); bincount would sync with the host."""
         ones = torch.ones(codes.shape[0], device=codes.device)
         return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
 
-    # Collectives that become no-ops without a process group, so the code above calls them unconditionally.
+    # -- machinery: collectives (no-ops without a process group), host copies
+
     @staticmethod
     def _all_reduce(t):  # sum over ranks, in place
         if dist.is_available() and dist.is_initialized():
@@ -423,23 +371,25 @@ class ProgressiveQuantizer(nn.Module):
         return t
 
     @staticmethod
-    def _gather(e):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
+    def _gather(e):  # (N, D) per rank -> (world * N, D); N equal on all
         if not (dist.is_available() and dist.is_initialized()):
             return e
         parts = [torch.empty_like(e) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, e.contiguous())
         return torch.cat(parts)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = self._host_window_step = None  # re-read from the loaded buffers
+
 
 def temperature_at(step, cfg):
-    """Gumbel-softmax temperature: temp_start * (temp_end / temp_start)^(step / temp_anneal_iters) until
-    temp_anneal_iters, then temp_end."""
+    """Gumbel temperature: temp_start * (temp_end / temp_start)^(step / temp_anneal_iters), then temp_end."""
     frac = min(step / max(cfg.temp_anneal_iters, 1), 1.0)
     return cfg.temp_start * (cfg.temp_end / cfg.temp_start) ** frac
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Encoder and decoder (dVAE-style: residual blocks in bottleneck form; strided convolutions to resample)
+# Encoder and decoder (dVAE-style)
 
 class ResBlock(nn.Module):
     """dVAE's block: x + conv1x1(relu(conv3x3(relu(conv3x3(relu(conv3x3(relu(x)))))))) at a quarter of the width."""
@@ -491,18 +441,15 @@ class Decoder(nn.Module):
 
 
 class Model(nn.Module):
-    """Encoder -> partition -> ProgressiveQuantizer -> sum_l T_l^-1(e^_l) -> unpartition -> Decoder.
-
-    Codes are (B, L*P), ordered step by step (code l*P + p is step l of sub-map p). Decoding a prefix of k codes
-    leaves the rest out: they are replaced by the learned null code when the model was trained with tail_dropout,
-    and by zero vectors otherwise, which is exactly leaving their residual steps out of the sum."""
+    """Encoder -> partition -> ProgressiveQuantizer -> sum_l T_l^-1(e^_l) -> unpartition -> Decoder. Codes (B, L*P)
+    in step order; codes left out become the null code (tail_dropout) or zeros, i.e. dropped residual steps."""
 
     def __init__(self, cfg):
         super().__init__()
         sizes = ("image_size", "in_channels", "hidden", "feature_dim", "submap", "steps", "spatial_dim", "channel_dim",
                  "codebook_size", "dead_code_window")
         small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
-        if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
+        if small:  # a 0 would fail later, far from its cause
             raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
         ds = cfg.downsample
         if ds < 1 or ds & (ds - 1):
@@ -526,13 +473,11 @@ class Model(nn.Module):
         if cfg.tail_dropout:  # only then: an unused parameter would trouble DDP
             self.null_code = nn.Parameter(torch.zeros(self.quantizer.dim))
 
-    # -- training hooks ---------------------------------------------------------------------------------------------
-
     def set_step(self, step):
-        """train.py calls this before every optimizer step; the temperature is a buffer, saved with the model."""
+        """Called by train.py every step; the temperature is a buffer, saved with the model."""
         self.quantizer.temperature.fill_(temperature_at(step, self.cfg))
 
-    # -- parts ------------------------------------------------------------------------------------------------------
+    # -- parts
 
     def _submaps(self, x):
         """(B, C, H, W) -> sub-maps (B, P, feature_dim, submap^2)"""
@@ -548,8 +493,7 @@ class Model(nn.Module):
         return self.decoder(f)
 
     def _leave_out(self, e_hat, keep):
-        """Replace the codes at positions >= keep (an int or a (B,) tensor) by the null code (tail_dropout) or by
-        zeros. e_hat (B, L, P, D), in code order l*P + p."""
+        """e_hat (B, L, P, D) with the codes at positions >= keep (int or (B,)) left out."""
         B = e_hat.shape[0]
         flat = e_hat.reshape(B, self.num_codes, -1)
         keep = torch.as_tensor(keep, device=e_hat.device).reshape(-1, 1)  # (B or 1, 1)
@@ -557,11 +501,11 @@ class Model(nn.Module):
         null = self.null_code.float() if self.cfg.tail_dropout else torch.zeros_like(flat[0, 0])
         return torch.where(tail, null, flat).view_as(e_hat)
 
-    # -- the model protocol -----------------------------------------------------------------------------------------
+    # -- the model protocol
 
     def forward(self, x):
         e_hat, codes, q_loss, q_stats = self.quantizer(self._submaps(x))
-        if self.training and self.cfg.tail_dropout:  # k' ~ U{1..L*P} per image: codes k' and after become null
+        if self.training and self.cfg.tail_dropout:  # k' ~ U{1..L*P} per image
             keep = torch.randint(1, self.num_codes + 1, (x.shape[0],), device=x.device)
             e_hat = self._leave_out(e_hat, keep)
         x_hat = self._decode_latents(e_hat)
@@ -570,13 +514,12 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> ordered codes (B, L*P), the nearest (in training mode with code_choice "gumbel": samples)."""
+        """(B, C, H, W) -> codes (B, L*P) (samples in training mode with code_choice "gumbel")."""
         return self._progress(x)[1].flatten(1)
 
     @torch.no_grad()
     def decode(self, codes, keep=None):
-        """codes (B, k) with k <= L*P, the first k of the sequence -> (B, C, H, W). Only the first `keep` (default
-        k) are used; the rest are left out (null code with tail_dropout, else zeros)."""
+        """codes (B, k), the first k <= L*P of the sequence -> (B, C, H, W), from the first `keep` (default k)."""
         B, k = codes.shape
         keep = k if keep is None else min(keep, k)
         full = torch.zeros(B, self.num_codes, dtype=torch.long, device=codes.device)
@@ -587,7 +530,7 @@ class Model(nn.Module):
         return self._decode_latents(e_hat)
 
     def code_layout(self):
-        """For prior.py: [(one image's code shape, K)]: one level, the L*P codes in step order."""
+        """For prior.py: one level, the L*P codes in step order."""
         return [((self.num_codes,), self.cfg.codebook_size)]
 
     def _prefixes(self):
@@ -596,15 +539,13 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def partial_decodes(self, x):
-        """For eval.py (the paper's Fig. 5 left): {"codes_n": reconstruction from the first n codes}, n = 1, 2, 4, ...
-        up to L*P, and L*P."""
+        """For eval.py (Fig. 5): {"codes_n": reconstruction from the first n codes}, n = 1, 2, 4, ..., L*P."""
         codes = self.encode(x)
         return {f"codes_{n}": self.decode(codes, n) for n in self._prefixes()}
 
     @torch.no_grad()
     def code_ablation(self, x, max_positions=64):
-        """For eval.py (the paper's Fig. 5): {i: reconstruction with only code i left out}, for every position when
-        there are at most max_positions codes, else for max_positions positions evenly spread."""
+        """For eval.py (Fig. 5): {i: reconstruction without code i}, for at most max_positions evenly spread i."""
         codes = self.encode(x)
         B, n = codes.shape
         e_hat = self.quantizer.lookup(codes.view(B, self.cfg.steps, self.positions)).flatten(1, 2)  # (B, L*P, D)
@@ -619,23 +560,21 @@ class Model(nn.Module):
         return out
 
     def _progress(self, x):
-        """Algorithm 1 on x, nothing updated: (e_hat, codes, q, e) as ProgressiveQuantizer.progress gives them."""
+        """ProgressiveQuantizer.progress on x, nothing updated."""
         s = self._submaps(x)  # under the caller's autocast, as in forward
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.quantizer.progress(s.float().transpose(-1, -2))
 
     @torch.no_grad()
     def latents(self, x):
-        """For eval.py: {"pq": (codebook (K, D), the vectors u_l of every step and sub-map (N, D), scaled as the
-        codebook sees them, codes (N,))}."""
+        """For eval.py: {"pq": (codebook (K, D), scaled u_l (N, D), codes (N,))}."""
         _, codes, _, e = self._progress(x)
         u = self.quantizer.scaled(e).reshape(-1, self.quantizer.dim)
         return {"pq": (self.quantizer.codebook.detach().float(), u, codes.flatten())}
 
     @torch.no_grad()
     def eval_stats(self, x):
-        """For eval.py (the paper's Fig. 5 right): {"cond_entropy_bits": (L*P,)}, the batch's mean entropy of
-        q(z_l | x) at each code position, in bits. The earlier codes are given: each step sees the residual they
-        leave."""
+        """For eval.py (Fig. 5): {"cond_entropy_bits": (L*P,)}, the mean entropy of q(z_l | x) per position, in bits,
+        given the earlier codes."""
         q = self._progress(x)[2]  # (B, L*P, K)
         return {"cond_entropy_bits": -(q * torch.log2(q + 1e-30)).sum(-1).mean(0)}
