@@ -1,32 +1,25 @@
 """
 A prior over a trained tokenizer's codes: a small causal transformer (a GPT) that generates and completes them.
 
-Papers:
-  - "PQ-VAE: Learning Hierarchical Discrete Representations with Progressive Quantization", Huang, Qiu and Sapiro,
-    section 5.3: a transformer over PQ-VAE's ordered 1-D codes, "apart from adding a position-specific embedding to
-    the input, we also apply a position-specific linear transformation, which corresponds to the progressive
-    quantization process"; Table 3: the first l codes from the posterior, the rest sampled from the prior.
-  - "Language Models are Unsupervised Multitask Learners" (GPT-2), as nanoGPT writes it: the transformer.
-  - arXiv:2601.22244 (the hierarchy paper) asks how hierarchical and single-level codes serve such a prior.
+Papers: "PQ-VAE: Learning Hierarchical Discrete Representations with Progressive Quantization", Huang, Qiu and
+Sapiro, section 5.3 (a transformer over the ordered codes with "a position-specific linear transformation") and
+Table 3 (the first l codes from the posterior, the rest from the prior); GPT-2, "Language Models are Unsupervised
+Multitask Learners", as nanoGPT writes it. The hierarchy paper (arXiv:2601.22244) asks which codes suit a prior.
 
-The idea. A tokenizer of this repository (vqvae, vqvae2, pqvae, warmup_vqgan after its switch) turns an image into
-codes; its code_layout() gives their shapes, and they become one sequence z_1..z_n per image, level by level, each
-in raster order (vqvae2: top grid, then bottom; pqvae: step order; groups last). The prior models
-    p(z) = prod_t p(z_t | z_<t)
-with a causal transformer: the input at position t is a start token (t = 1) or z_(t-1)'s embedding, plus a learned
-position embedding; the output at t is the logits of z_t over the K codes of z_t's level. The loss is the
-cross-entropy, logged in bits per code and bits per image (n times as much). In pqvae a code means a different
-vector at every step (each step maps the shared codebook through its own transform), so each code's embedding is
-first multiplied by its position's own matrix: the paper's position-specific linear transformation.
+The idea. A tokenizer (a model with code_layout(): vqvae, vqvae2, pqvae, ...) turns an image into codes, read as one
+sequence z_1..z_n (the model protocol in README.md: levels in order, raster order, groups last). The prior models
+p(z) = prod_t p(z_t | z_<t): the input at t is a start token or z_(t-1)'s embedding, plus a position embedding; the
+output is the logits of z_t over its level's K codes; the loss is the cross-entropy, logged in bits. In pqvae a code
+means a different vector at every step, so each embedding first goes through its position's own matrix (PQ-VAE's
+position-specific transformation). The tokenizer is frozen and encodes each batch as it comes, so train.py serves
+the prior unchanged; its weights travel in the prior's checkpoint.
 
-The tokenizer is frozen (eval mode, no gradients, float32 whatever the autocast) and encodes every batch as it
-comes: codes are computed on the fly, so train.py's data, DDP, AMP, resume and logs serve the prior unchanged. Its
-weights are saved in the prior's checkpoint, which is then all that sampling and evaluation need.
+Where this departs from the papers: the position matrices start at the identity (PQ-VAE gives no initialisation)
+and are on by default for 1-D codes only.
 
-Train it:  python train.py --model prior --tokenizer out/pqvae_mnist/ckpt.pt   (the dataset, data_dir and image
-           size come from the tokenizer's checkpoint; out_dir defaults to out/prior_pqvae_mnist)
-Evaluate:  python eval.py --ckpt out/prior_pqvae_mnist/ckpt.pt --split test   (bits per image and per code, against
-           uniform codes and a per-position unigram fitted on the train split)
+Train it:  python train.py --model prior --tokenizer out/pqvae_mnist/ckpt.pt   (dataset and image size from the
+           tokenizer's checkpoint; out_dir out/prior_pqvae_mnist)
+Evaluate:  python eval.py --ckpt out/prior_pqvae_mnist/ckpt.pt --split test   (bits per image and code, baselines)
 Sample:    python sample.py --ckpt out/prior_pqvae_mnist/ckpt.pt --num 64
 """
 
@@ -46,93 +39,26 @@ import eval as evaluation
 
 @dataclass
 class Config:
-    tokenizer: str = ""  # a train.py checkpoint of a model with code_layout(): vqvae, vqvae2, pqvae, warmup_vqgan
-    # filled from the tokenizer's checkpoint (by train.py through inherited_settings, or by Model)
+    tokenizer: str = ""  # a train.py checkpoint of a model with code_layout()
+    # from the tokenizer's checkpoint (inherited_settings, or Model)
     tokenizer_model: str = ""  # its model file, e.g. "pqvae"
     tokenizer_config: dict = dataclasses.field(default_factory=dict)  # its Config
     tokenizer_layout: list = dataclasses.field(default_factory=list)  # its code_layout(): [(shape, K), ...]
     image_size: int = 32
     in_channels: int = 3
-    # the transformer (nanoGPT's, small)
+    # the transformer: nanoGPT's, small (ours: a CPU budget)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.1
-    position_linear: bool | None = None  # a matrix per position on each code's embedding; None: on for 1-D codes
+    position_linear: bool | None = None  # PQ-VAE's matrix per position; None: on for 1-D codes
 
 
-# The same on every dataset: nanoGPT's small-model learning rate (train.py's default 3e-4 suits the tokenizers), with
-# a short linear warm-up, under train.py's cosine schedule.
+# Every dataset: nanoGPT's small-model learning rate (train.py's 3e-4 suits the tokenizers), a short warm-up
 PRESETS = {name: dict(lr=1e-3, warmup_iters=100) for name in data.DATASETS}
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The tokenizer: read from its checkpoint, or refused with a message naming the file
-
-
-def load_tokenizer(path):
-    """A tokenizer's train.py checkpoint -> (its Model in eval mode, the checkpoint), or an exit naming the file."""
-    if not path or not os.path.isfile(path):
-        raise SystemExit(f"prior.py: no tokenizer checkpoint at {path!r} (--tokenizer: a train.py checkpoint)")
-    ckpt = evaluation.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "train_config"} <= set(ckpt):
-        raise SystemExit(f"prior.py: {path} is not a checkpoint written by train.py")
-    name = ckpt["train_config"]["model"]
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError:
-        raise SystemExit(f"prior.py: {path} holds a {name} model, and there is no {name}.py") from None
-    if not hasattr(module.Model, "code_layout"):
-        raise SystemExit(f"prior.py: {path} holds a {name} model, which has no code_layout(); a tokenizer is one of "
-                         f"vqvae, vqvae2, pqvae, warmup_vqgan")
-    model = module.Model(module.Config(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
-def tokenizer_settings(path):
-    """The prior's Config fields that come from its tokenizer's checkpoint, and that checkpoint."""
-    model, ckpt = load_tokenizer(path)
-    try:
-        layout = [(tuple(shape), K) for shape, K in model.code_layout()]
-    except ValueError as err:  # a model with no codes to give yet
-        raise SystemExit(f"prior.py: {path}: {err}") from None
-    mcfg = ckpt["model_config"]
-    return {"tokenizer_model": ckpt["train_config"]["model"], "tokenizer_config": dict(mcfg),
-            "tokenizer_layout": layout, "image_size": mcfg["image_size"], "in_channels": mcfg["in_channels"]}, ckpt
-
-
-def tokenizer_weights(path, config):
-    """The weights in the train.py checkpoint at `path` if it holds a model of this exact config, else None: a file
-    since replaced or gone leaves a prior's own copy of the weights to load_state_dict."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # missing, unreadable or foreign: not this tokenizer
-        return None
-    same = isinstance(ckpt, dict) and ckpt.get("model_config") == config and "model" in ckpt
-    return ckpt["model"] if same else None
-
-
-def inherited_settings(args):
-    """train.py's hook, given the command line {key: raw value}: the tokenizer's dataset, data_dir and image shape
-    (a prior models its tokenizer's codes of that data: another --dataset, --image_size or --in_channels is refused;
-    --data_dir may point elsewhere), and out_dir out/prior_<the tokenizer's run folder>."""
-    path = args.get("tokenizer")
-    settings, ckpt = tokenizer_settings(path)
-    for key in ("tokenizer_model", "tokenizer_config", "tokenizer_layout"):
-        if key in args:
-            raise SystemExit(f"prior.py: --{key} comes from the tokenizer's checkpoint; it cannot be set")
-    settings.update(dataset=ckpt["train_config"]["dataset"], data_dir=ckpt["train_config"]["data_dir"])
-    for key in ("dataset", "image_size", "in_channels"):
-        if args.get(key) is not None and str(args[key]) != str(settings[key]):
-            raise SystemExit(f"prior.py: --{key} {args[key]} differs from the tokenizer's {settings[key]} ({path})")
-    run = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return {**settings, "out_dir": os.path.join("out", f"prior_{run}")}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The transformer (nanoGPT's blocks)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -166,17 +92,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Model
-
 
 class Model(nn.Module):
     """The frozen tokenizer -> code sequence (B, n) -> causal transformer -> logits (B, n, V), V the largest K.
 
-    Model(cfg) builds the tokenizer from cfg.tokenizer_model and cfg.tokenizer_config and takes its weights from the
-    file cfg.tokenizer when that holds the same config; a prior's checkpoint brings its own copy (load_state_dict),
-    so a tokenizer file trained on, replaced or moved since changes nothing. Built with only cfg.tokenizer set, it
-    reads the rest from that checkpoint."""
+    The tokenizer's weights come from the file cfg.tokenizer if it holds the same config; a prior's checkpoint
+    brings its own copy (load_state_dict), so a tokenizer file changed or gone since does not matter."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -202,7 +124,7 @@ class Model(nn.Module):
         self.wpe = nn.Parameter(torch.randn(self.n, E) * 0.02)
         one_d = len(self.layout) == 1 and len(self.layout[0][0]) == 1  # pqvae's ordered steps
         on = one_d if cfg.position_linear is None else cfg.position_linear
-        # (n, E, E), each the identity at first (the paper gives no initialisation): the plain shared embedding
+        # (n, E, E), each the identity at first: the plain shared embedding
         self.position_linear = nn.Parameter(torch.eye(E).repeat(self.n, 1, 1)) if on else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -274,3 +196,64 @@ class Model(nn.Module):
                 following = torch.multinomial(logits.softmax(-1), 1, generator=generator)
             codes = torch.cat([codes, following], 1)
         return codes
+
+
+# Loading the tokenizer from its checkpoint
+
+def load_tokenizer(path):
+    """A tokenizer's train.py checkpoint -> (its Model in eval mode, the checkpoint), or an exit naming the file."""
+    if not path or not os.path.isfile(path):
+        raise SystemExit(f"prior.py: no tokenizer checkpoint at {path!r} (--tokenizer: a train.py checkpoint)")
+    ckpt = evaluation.read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "train_config"} <= set(ckpt):
+        raise SystemExit(f"prior.py: {path} is not a checkpoint written by train.py")
+    name = ckpt["train_config"]["model"]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError:
+        raise SystemExit(f"prior.py: {path} holds a {name} model, and there is no {name}.py") from None
+    if not hasattr(module.Model, "code_layout"):
+        raise SystemExit(f"prior.py: {path} holds a {name} model, which has no code_layout(); a tokenizer is one of "
+                         f"vqvae, vqvae2, pqvae, warmup_vqgan")
+    model = module.Model(module.Config(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def tokenizer_settings(path):
+    """The prior's Config fields that come from its tokenizer's checkpoint, and that checkpoint."""
+    model, ckpt = load_tokenizer(path)
+    try:
+        layout = [(tuple(shape), K) for shape, K in model.code_layout()]
+    except ValueError as err:  # a model with no codes to give yet
+        raise SystemExit(f"prior.py: {path}: {err}") from None
+    mcfg = ckpt["model_config"]
+    return {"tokenizer_model": ckpt["train_config"]["model"], "tokenizer_config": dict(mcfg),
+            "tokenizer_layout": layout, "image_size": mcfg["image_size"], "in_channels": mcfg["in_channels"]}, ckpt
+
+
+def tokenizer_weights(path, config):
+    """The weights in the checkpoint at `path` if it holds a model of this exact config, else None."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, unreadable or foreign
+        return None
+    same = isinstance(ckpt, dict) and ckpt.get("model_config") == config and "model" in ckpt
+    return ckpt["model"] if same else None
+
+
+def inherited_settings(args):
+    """train.py's hook, given the command line {key: raw value}: the tokenizer's settings, dataset, data_dir and
+    image shape, and out_dir out/prior_<its run folder>. Another --dataset, --image_size or --in_channels is refused
+    (the prior models codes of that data); --data_dir may point elsewhere."""
+    path = args.get("tokenizer")
+    settings, ckpt = tokenizer_settings(path)
+    for key in ("tokenizer_model", "tokenizer_config", "tokenizer_layout"):
+        if key in args:
+            raise SystemExit(f"prior.py: --{key} comes from the tokenizer's checkpoint; it cannot be set")
+    settings.update(dataset=ckpt["train_config"]["dataset"], data_dir=ckpt["train_config"]["data_dir"])
+    for key in ("dataset", "image_size", "in_channels"):
+        if args.get(key) is not None and str(args[key]) != str(settings[key]):
+            raise SystemExit(f"prior.py: --{key} {args[key]} differs from the tokenizer's {settings[key]} ({path})")
+    run = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return {**settings, "out_dir": os.path.join("out", f"prior_{run}")}
