@@ -147,7 +147,7 @@ def same_codes(vq, other, z, rows=4096):
     other._codebook.initted.fill_(True)
     vq.eval(), other.eval()
     z = z[:rows].detach()
-    return float((vq.encode(z) == other(z[None])[1][0]).float().mean())
+    return float((vq.nearest(z) == other(z[None])[1][0]).float().mean())
 
 
 def limit_memory(gib):
@@ -181,14 +181,14 @@ def compare_quantizers(sizes, device, repeat):
             except RuntimeError as err:  # CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError
                 line += f"  peer failed: {str(err).splitlines()[0][:30]:<25}"
         vq.eval()
-        search_seconds, search_peak = measure(lambda: vq.encode(z.detach()), device, repeat)
+        search_seconds, search_peak = measure(lambda: vq.nearest(z.detach()), device, repeat)
         line += f"  {search_seconds * 1e3:>9.1f} {search_peak / 2 ** 20:>5.0f}"
         search = faiss_search(vq, z, device)
         if search is None:
             line += "  (faiss not installed, or not a CPU)"
         else:
             faiss_seconds, faiss_peak = measure(search, device, repeat)
-            agree = float((search() == vq.encode(z.detach()).cpu()).float().mean())
+            agree = float((search() == vq.nearest(z.detach()).cpu()).float().mean())
             line += (f"  {faiss_seconds * 1e3:>8.1f} {faiss_peak / 2 ** 20:>5.0f} "
                      f"{search_seconds / faiss_seconds:>9.1f}x {agree:>7.2%}")
         print(line, flush=True)
@@ -240,7 +240,7 @@ def sync_check(one_step):
     return "no host-device synchronisation"
 
 
-MODELS = ("vqvae", "vqvae2", "pqvae", "adaptive_vq", "warmup_vqgan")
+MODELS = ("vqvae", "mgvq", "vqvae2", "pqvae", "adaptive_vq", "warmup_vqgan")
 
 
 def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16", "float16"), compiles=(False, True),

@@ -29,7 +29,7 @@ For each codebook (named by the model: "vq", or "top" / "bottom", ...):
   pr              participation ratio (sum l)^2 / sum l^2 of the same spectra
   waterfill_dim   the number of latent dimensions that reverse water-filling gives bits at rate log2 K
 For models that can decode from part of their codes (model.partial_decodes(x) -> {name: x_hat}, e.g. the first n
-groups of a multi-group vqvae, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse", and a
+groups of mgvq, "groups_n"), the mse and psnr of each such reconstruction, as "<name>/mse", and a
 PNG strip of the first batch: inputs on top, then one row per partial reconstruction in the model's order.
 With --ablation, for models that can leave out one code at a time (model.code_ablation(x) -> {position: x_hat}, e.g.
 pqvae's ordered codes): code_ablation/mse_increase, the split's mse with the code at each of code_ablation/positions
@@ -798,7 +798,8 @@ def write_usage(counts, stem, title):
 
 def draw_curves(log_path, out_dir):
     """eval.py --curves LOG: the training curves of a train.py log.jsonl, curves.csv (one row per record, a column per
-    number logged) and curves.png (loss, PSNR, perplexity, effective dimension of the latents, as logged)."""
+    number logged) and curves.png (loss, PSNR, perplexity and the logged dimensions: eff-dim of latents and codebook,
+    participation ratio, water-filling)."""
     try:
         with open(log_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -819,7 +820,9 @@ def draw_curves(log_path, out_dir):
     panels = []
     for title, wanted in (("loss", lambda k: k in ("loss", "bits_per_code")), ("PSNR (dB)", lambda k: k == "psnr"),
                           ("perplexity", lambda k: k.endswith("perplexity")),
-                          ("effective dimension (99%) of the latents", lambda k: k.endswith("eff_dim_99_latent"))):
+                          ("dimensions (eff-dim 99%, PR, water-fill)",
+                           lambda k: k.endswith(("eff_dim_99_latent", "eff_dim_99_codebook", "pr_latent",
+                                                 "waterfill_dim")))):
         lines = [(f"{split} {key}", *line) for key in columns[2:] if wanted(key) for split in ("train", "val")
                  for line in [series(split, key)] if line[0]]
         if lines:

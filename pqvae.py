@@ -339,10 +339,10 @@ class ProgressiveQuantizer(nn.Module):
 
     @staticmethod
     def _argmin(d, block=64):
-        """argmin over the last dim of d (..., K), ties to the lowest index, in two steps: the minimum of each block of
-        `block` codes (a plain vectorised min), then the argmin inside the first block holding the row's minimum.
-        Exact, and several times faster on a CPU than one argmin over K, whose reduction carries an index along.
-        Twins: every quantizer file has this copy; tests/test_search.py holds them all to a brute-force reference."""
+        """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
+        codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over
+        K, whose reduction carries an index along). Twin: every quantizer file has this copy, kept equal by
+        tests/test_search.py."""
         B = min(block, d.shape[-1] & -d.shape[-1])  # the largest power of 2 that divides K, at most `block`
         if B < 8:  # blocks this short would not pay
             return d.argmin(-1)

@@ -214,7 +214,7 @@ def load_tokenizer(path):
         raise SystemExit(f"prior.py: {path} holds a {name} model, and there is no {name}.py") from None
     if not hasattr(module.Model, "code_layout"):
         raise SystemExit(f"prior.py: {path} holds a {name} model, which has no code_layout(); a tokenizer is one of "
-                         f"vqvae, vqvae2, pqvae, warmup_vqgan")
+                         f"vqvae, mgvq, vqvae2, pqvae, warmup_vqgan")
     model = module.Model(module.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt

@@ -1,24 +1,20 @@
 """
-Single-level VQ-VAE with codebook-collapse mitigation, and multi-group quantization.
+Single-level VQ-VAE with codebook-collapse mitigation.
 
 Papers: "Neural Discrete Representation Learning", van den Oord et al., 2017 (arXiv:1711.00937); "Is Hierarchical
-Quantization Essential for Optimal Reconstruction?", 2026 (arXiv:2601.22244); MGVQ, "Could VQ-VAE Beat VAE?"
-(arXiv:2507.07997).
+Quantization Essential for Optimal Reconstruction?", 2026 (arXiv:2601.22244).
 
-The idea. An encoder maps an image to a grid of D-dim vectors z; each is replaced by its nearest code e in a codebook
-of K vectors, and a decoder reconstructs the image from the codes. The argmin has no gradient, so the straight-through
-estimator hands the decoder's gradient at z_q to z; a commitment loss beta * ||z - sg(e)||^2 keeps the encoder near
-its codes; each code follows the mean of the vectors that choose it (EMA). Left alone, most codes are never chosen
-(codebook collapse). The hierarchy paper's remedies are switches here: a codebook initialised from data, dead-code
-reset (a code chosen fewer than 2 times in 10 batches moves onto a recent encoder output), a small D with a large K.
-MGVQ (`groups`) cuts each vector into G parts, each with its own sub-codebook: K^G combinations per position from G
-small codebooks; nested masking (`group_mask_probs`) drops later groups in training, so a prefix of groups decodes.
+The idea. An encoder maps an image to a grid of D-dim vectors z; a decoder reconstructs it from their nearest codes e
+in a codebook of K. The straight-through estimator hands the decoder's gradient at z_q to z (the argmin has none); a
+commitment loss beta * ||z - sg(e)||^2 keeps the encoder near its codes; each code follows the mean of the vectors
+that choose it (EMA). Left alone, most codes are never chosen (collapse); the hierarchy paper's remedies are switches
+here: data initialisation, dead-code reset (a code chosen fewer than 2 times in 10 batches moves onto an encoder
+output), a small D with a large K. mgvq.py adds groups (MGVQ) to this model.
 
-Where this departs from the papers: the data initialisation is k-means on the first batch (`--init data` takes plain
-samples); the straight-through value is e + (z - sg(z)), exactly e in the forward pass.
+Where this departs from the papers: the data initialisation is k-means on the first batch (`--init data`: plain
+samples); the straight-through value is e + (z - sg(z)), exactly e forward.
 
 Train it:  python train.py --model vqvae [--dataset mnist --data_dir DIR] [--codebook_size 1024 --code_dim 8]
-           python train.py --model vqvae --code_dim 16 --groups 4 --codebook_size 8 --group_mask_probs 0,0.2,0.3,0.4
 """
 
 import math
@@ -32,33 +28,28 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    # data (train.py fills these from the dataset; override on the command line)
+    # data (train.py fills these from the dataset)
     image_size: int = 32
     in_channels: int = 3
     # encoder / decoder (VQ-VAE: strided convs + residual blocks)
-    hidden: int = 128  # channels of the encoder's and decoder's main path
-    res_blocks: int = 2  # residual blocks per side
-    res_hidden: int = 32  # channels inside a residual block
+    hidden: int = 128  # channels of the main path; ours, half of VQ-VAE's 256, for a CPU
+    res_blocks: int = 2  # residual blocks per side (VQ-VAE)
+    res_hidden: int = 32  # channels inside a residual block; ours (VQ-VAE: 256)
     downsample: int = 4  # image side / latent side; a power of 2 (VQ-VAE: 4)
     # quantizer
-    codebook_size: int = 512  # K
-    code_dim: int = 8  # D; the hierarchy paper's best is D = 8
+    codebook_size: int = 512  # K (VQ-VAE: 512)
+    code_dim: int = 8  # D (the hierarchy paper's best)
     beta: float = 0.25  # commitment weight (VQ-VAE)
     ema: bool = True  # EMA codebook updates; False learns the codebook by the loss ||sg(z) - e||^2
     decay: float = 0.99  # EMA decay (VQ-VAE)
     eps: float = 1e-5  # Laplace smoothing of the EMA counts
     init: str = "kmeans"  # "kmeans" | "data" (samples of the first batch) | "random" (N(0, 1), the baseline)
-    kmeans_iters: int = 10
+    kmeans_iters: int = 10  # Lloyd's iterations of the k-means init; ours
     dead_code_threshold: float = 2.0  # reset codes used fewer times than this per window; 0 disables
     dead_code_window: int = 10  # batches per window (hierarchy paper: 2 uses over 10 batches)
-    # multi-group quantization (MGVQ); groups = 1 is plain VQ
-    groups: int = 1  # G: code_dim is cut into G parts, each with its own sub-codebook of codebook_size codes
-    group_mask_probs: tuple[float, ...] = ()  # drop group i when u < p_i, u ~ U(0, 1) per batch; non-decreasing; () off
-    groups_to_use: int = 0  # in eval mode, decode from the first groups only; 0 uses all
 
 
-# Per-dataset settings (Config or train.py fields), above the defaults and below the command line; sized to each
-# dataset's budget (the paper trains far longer). shapes is the embedded default: minutes on a laptop CPU.
+# Per-dataset settings (Config or train.py fields): over the defaults, under the command line.
 PRESETS = {
     "shapes": dict(hidden=64, res_hidden=32, codebook_size=256, batch_size=32, lr=2e-3, max_iters=2000,
                    warmup_iters=100, eval_interval=500),
@@ -73,27 +64,23 @@ PRESETS = {
 
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour vector quantizer with an EMA codebook (VQ-VAE, appendix A.1), data initialisation and
-    dead-code reset (arXiv:2601.22244), and MGVQ's groups. Depends on torch only: copy it into your project.
+    dead-code reset (arXiv:2601.22244). Depends on torch only: copy it into your project.
 
-    forward(z, group_mask=None): z (..., D) -> (z_q, codes, loss, stats): z_q (..., D) the codes, with straight-through
-    gradients to z; codes (...) int64, or (..., G) with groups; loss beta * ||z - sg(e)||^2 (plus ||sg(z) - e||^2 when
-    the codebook is learned by gradient); stats scalar tensors for logging. A (G,) bool group_mask zeroes the groups
-    where it is False and leaves out their loss (MGVQ's nested masking; their codes still follow the encoder). In
-    training the codebook is then updated, bitwise equal on every torch.distributed rank (each rank must pass the
-    same number of vectors). All in float32, autocast off: a bf16 distance matmul picks another code for ~1% of vectors.
-    Twin: vqvae2.py's VectorQuantizer, this without groups (kept equal by tests/test_twins.py and test_search.py).
+    forward(z (..., D)) -> z_q (..., D), the codes with gradients straight through to z; codes (...); the loss
+    beta * ||z - sg(e)||^2 (+ ||sg(z) - e||^2 without EMA); stats. Training then updates the codebook, equal on every
+    torch.distributed rank (each must pass as many vectors). float32 in any autocast: bf16 distances pick other codes.
+    Twins: vqvae.py's and vqvae2.py's copies are the same text; mgvq.py's with groups = 1 gives the same results bit
+    for bit (tests/test_twins.py).
     """
 
-    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
+    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB)
 
-    def __init__(self, codebook_size, dim, groups=1, beta=0.25, ema=True, decay=0.99, eps=1e-5, init="kmeans",
+    def __init__(self, codebook_size, dim, beta=0.25, ema=True, decay=0.99, eps=1e-5, init="kmeans",
                  kmeans_iters=10, dead_code_threshold=2.0, dead_code_window=10):
         super().__init__()
         if init not in ("kmeans", "data", "random"):
             raise ValueError(f"init must be 'kmeans', 'data' or 'random', got {init!r}")
-        if groups < 1 or dim % groups:
-            raise ValueError(f"dim {dim} must be divisible by groups {groups}")
-        self.codebook_size, self.dim, self.groups, self.beta = codebook_size, dim, groups, beta
+        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.ema, self.decay, self.eps = ema, decay, eps
         self.init, self.kmeans_iters = init, kmeans_iters
         self.dead_code_threshold, self.dead_code_window = dead_code_threshold, dead_code_window
@@ -103,17 +90,17 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("codebook", codebook)
         else:
             self.codebook = nn.Parameter(codebook)
-        self.register_buffer("ema_count", torch.ones(groups * codebook_size))  # N_k, EMA of assignment counts
+        self.register_buffer("ema_count", torch.ones(codebook_size))  # N_k, EMA of assignment counts
         self.register_buffer("ema_sum", codebook.clone())  # m_k, EMA of the sums of assigned vectors
-        self.register_buffer("usage", torch.zeros(groups * codebook_size))  # assignments in this dead-code window
+        self.register_buffer("usage", torch.zeros(codebook_size))  # assignments in this dead-code window
         self.register_buffer("window_step", torch.zeros((), dtype=torch.long))  # batches seen in the window
         self.register_buffer("initialized", torch.tensor(init == "random"))
-        # host copies of the two, read once after construction or loading: a step then reads nothing from a GPU
+        # host copies of the last two, read once after construction or loading: a step then reads nothing from a GPU
         self._host_initialized = self._host_window_step = None
 
-    # -- the VQ-VAE core: nearest code, straight-through, commitment loss -----------------------------------------
+    # -- the VQ-VAE core: nearest code, straight-through, loss
 
-    def forward(self, z, group_mask=None):
+    def forward(self, z):
         shape = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):  # the fp32 island
             z = z.float().reshape(-1, self.dim)  # (N, D)
@@ -121,57 +108,49 @@ class VectorQuantizer(nn.Module):
                 self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
             if self.training and not self._host_initialized:
                 self._init_codebook(z.detach())
-            codes = self.nearest(z)  # (N, G)
-            e = self._lookup(codes)  # (N, D)
-            keep = None if group_mask is None else group_mask.repeat_interleave(self.dim // self.groups).float()
+            codes = self.nearest(z)  # (N,)
+            e = self.codebook[codes]  # (N, D); indexing, not a one-hot matmul
 
             # beta moves the encoder toward its code; the codebook moves by EMA, or by its own loss without EMA
-            commit = self._mse(z, e.detach(), keep)
+            commit = F.mse_loss(z, e.detach())
             loss = self.beta * commit
             if not self.ema:
-                loss = loss + self._mse(e, z.detach(), keep)
-            # straight-through: the forward value is exactly e (z - sg(z) is exactly 0, where the common
-            # z + sg(e - z) is e only up to rounding), and the gradient of z_q goes to z unchanged, none to e
+                loss = loss + F.mse_loss(e, z.detach())
+            # straight-through: exactly e forward (z + sg(e - z) is e up to rounding); the gradient to z, none to e
             z_q = e.detach() + (z - z.detach())
-            if keep is not None:
-                z_q = z_q * keep  # dropped groups are zero: the decoder sees nothing of them
 
-            counts = self._counts(codes)  # (G*K,), this rank's batch
+            counts = self._counts(codes)  # (K,) this rank's batch
             if self.training:  # quantize and compute losses first, then update the codebook
                 self._update(z.detach(), codes, counts)
-        p = counts.view(self.groups, -1)
-        p = p / p.sum(1, keepdim=True)
+        p = counts / counts.sum()
         stats = {"commit": commit.detach(),
-                 # of this batch, averaged over groups (usually below the perplexity over a whole split)
-                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum(1)).mean(),
+                 "perplexity": torch.exp(-(p * torch.log(p + 1e-10)).sum()),  # of this batch only
                  "code_usage": (counts > 0).float().mean()}
-        return z_q.reshape(shape), self._shape_codes(codes, shape), loss, stats
+        return z_q.reshape(shape), codes.reshape(shape[:-1]), loss, stats
 
     def nearest(self, z, codebook=None):
-        """Index of the nearest code of each group for each row of z (N, D): (N, G), ties to the lowest index. Chunked
-        over rows so that the (G, rows, K) distance block stays at search_block entries whatever N and K are: K = 65,536
-        codes for 65,536 vectors needs no (N, K) matrix."""
-        e = self._by_group((self.codebook if codebook is None else codebook).detach().float())  # (G, K, d)
-        e_sq = (e * e).sum(-1, keepdim=True).transpose(1, 2)  # (G, 1, K)
-        z = self._by_group(z.detach().float())  # (G, N, d)
-        G, N, K = z.shape[0], z.shape[1], e.shape[1]
-        chunk = min(N, max(1, self.search_block // (G * K)))  # rows per chunk
-        codes = torch.empty(N, G, dtype=torch.long, device=z.device)
-        d = torch.empty(G, chunk, K, device=z.device)  # one buffer for every chunk: no allocation per chunk
-        for i in range(0, N, chunk):
-            zc = z[:, i:i + chunk]  # (G, c, d)
-            dc = d[:, :zc.shape[1]]
+        """Index of the nearest code for each row of z (N, D), ties to the lowest; chunked over rows so that the
+        distances hold at most search_block entries."""
+        e = self.codebook if codebook is None else codebook
+        e = e.detach().float()
+        e_sq = (e * e).sum(1)  # (K,)
+        chunk = min(z.shape[0], max(1, self.search_block // e.shape[0]))  # rows per chunk
+        codes = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        d = torch.empty(chunk, e.shape[0], device=z.device)  # one buffer for all chunks
+        for i in range(0, z.shape[0], chunk):
+            zc = z[i:i + chunk].detach().float()
+            dc = d[:zc.shape[0]]
             # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
-            torch.baddbmm(e_sq, zc, e.transpose(1, 2), alpha=-2.0, out=dc)  # (G, c, K)
-            codes[i:i + chunk] = self._argmin(dc).t()
+            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (chunk, K)
+            codes[i:i + chunk] = self._argmin(dc)
         return codes
 
     @staticmethod
     def _argmin(d, block=64):
-        """argmin over the last dim of d (..., K), ties to the lowest index, in two steps: the minimum of each block of
-        `block` codes (a plain vectorised min), then the argmin inside the first block holding the row's minimum.
-        Exact, and several times faster on a CPU than one argmin over K, whose reduction carries an index along.
-        Twins: every quantizer file has this copy; tests/test_search.py holds them all to a brute-force reference."""
+        """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
+        codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over
+        K, whose reduction carries an index along). Twin: every quantizer file has this copy, kept equal by
+        tests/test_search.py."""
         B = min(block, d.shape[-1] & -d.shape[-1])  # the largest power of 2 that divides K, at most `block`
         if B < 8:  # blocks this short would not pay
             return d.argmin(-1)
@@ -180,36 +159,24 @@ class VectorQuantizer(nn.Module):
         inside = blocks.gather(-2, best[..., None].expand(*best.shape, B)).squeeze(-2)  # (..., B) that block
         return best.squeeze(-1) * B + inside.argmin(-1)
 
-    def encode(self, z):
-        """(..., D) -> codes (...), or (..., G) when G > 1. Changes nothing: for eval and tokenizers."""
-        return self._shape_codes(self.nearest(z.reshape(-1, self.dim)), z.shape)
-
     def lookup(self, codes):
-        """codes as encode gives them -> code vectors (..., D)."""
-        batch = codes.shape[:-1] if self.groups > 1 else codes.shape
-        return self._lookup(codes.reshape(-1, self.groups)).reshape(*batch, self.dim)
+        """codes (...) -> code vectors (..., D)."""
+        return self.codebook[codes]
 
-    @staticmethod
-    def _mse(a, b, keep):
-        """Mean squared error over all dims, or over the dims where keep (D,) is 1."""
-        if keep is None:
-            return F.mse_loss(a, b)
-        return ((a - b) ** 2 * keep).sum() / (a.shape[0] * keep.sum())
-
-    # -- fitting the codebook to data: EMA, dead-code reset, k-means init (training only; same collectives on all ranks)
+    # -- fitting the codebook to data: EMA, dead-code reset, k-means init (training only)
 
     @torch.no_grad()
     def _update(self, z, codes, counts):
-        counts = self._all_reduce(counts.clone())  # (G*K,) over all ranks
-        if self.ema:  # the sums are needed only here: evaluation and a learned codebook skip them
-            sums = self._all_reduce(self._sums(z, codes))  # (K, D)
+        counts = self._all_reduce(counts.clone())  # (K,) over all ranks
+        if self.ema:
+            sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, z)  # (K, D)
+            self._all_reduce(sums)
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-            # Laplace smoothing keeps an unused code's count above zero so the division is safe
-            count = self.ema_count.view(self.groups, -1)  # (G, K)
-            n = count.sum(1, keepdim=True)  # (G, 1)
-            count = (count + self.eps) / (n + self.codebook_size * self.eps) * n
-            self.codebook.copy_(self.ema_sum / self._per_dim(count.reshape(-1)))
+            # Laplace smoothing: an unused code's count stays above zero
+            n = self.ema_count.sum()
+            count = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n
+            self.codebook.copy_(self.ema_sum / count[:, None])
         if self.dead_code_threshold > 0:
             self.usage.add_(counts)
             self.window_step.add_(1)
@@ -219,17 +186,15 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _reset_dead_codes(self, z):
-        """Move every code used fewer than `dead_code_threshold` times in the window onto a random encoder output of
-        this batch, drawn from all ranks' vectors by rank 0 and broadcast. Its EMA count and sum are reset with it,
-        or the next EMA step would drag the code back to where it was."""
-        dead = self.usage < self.dead_code_threshold  # (G*K,), equal on all ranks: usage is all-reduced
+        """Move each code used fewer than dead_code_threshold times in the window onto a random encoder output of the
+        batch (of any rank, drawn on rank 0); reset its EMA count and sum, or the next EMA step drags it back."""
+        dead = self.usage < self.dead_code_threshold  # (K,), equal on all ranks: usage is all-reduced
         z = self._gather(z)  # (world * N, D)
-        # always K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
+        # K candidates, used where a code is dead: no data-dependent branch, the same collectives every time
         candidates = z[torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)]  # (K, D)
         self._broadcast(candidates)
-        dead_dims = self._per_dim(dead)  # (K, D)
-        self.codebook.copy_(torch.where(dead_dims, candidates, self.codebook))
-        self.ema_sum.copy_(torch.where(dead_dims, candidates, self.ema_sum))
+        self.codebook.copy_(torch.where(dead[:, None], candidates, self.codebook))
+        self.ema_sum.copy_(torch.where(dead[:, None], candidates, self.ema_sum))
         self.ema_count.masked_fill_(dead, 1.0)
         self.usage.zero_()
         self.window_step.zero_()
@@ -237,19 +202,20 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _init_codebook(self, z):
-        """Initialise the codebook from the first batch: k-means on (or a random sample of) the encoder outputs of
-        all ranks, computed on each and broadcast from rank 0 so that every rank starts from the same codebook."""
+        """The codebook from the first batch: k-means on (or a sample of) every rank's encoder outputs, rank 0's
+        result broadcast."""
         z = self._gather(z)  # (world * N, D)
         idx = torch.randperm(z.shape[0], device=z.device)[:self.codebook_size]
         if idx.numel() < self.codebook_size:  # fewer vectors than codes: sample with replacement
             idx = torch.randint(0, z.shape[0], (self.codebook_size,), device=z.device)
         codebook = z[idx].clone()  # (K, D)
-        if self.init == "kmeans":  # Lloyd's iterations, every group at once
+        if self.init == "kmeans":  # Lloyd's iterations
             for _ in range(self.kmeans_iters):
                 codes = self.nearest(z, codebook)
-                counts, sums = self._per_dim(self._counts(codes)), self._sums(z, codes)  # (K, D) each
+                counts = self._counts(codes)
+                sums = torch.zeros_like(codebook).index_add_(0, codes, z)
                 # an empty cluster keeps its previous centre
-                codebook = torch.where(counts > 0, sums / counts.clamp(min=1), codebook)
+                codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
         self._broadcast(codebook)
         self.codebook.copy_(codebook)
         self.ema_sum.copy_(codebook)  # with ema_count = 1: the EMA starts at the new codebook
@@ -257,49 +223,15 @@ class VectorQuantizer(nn.Module):
         self.initialized.fill_(True)
         self._host_initialized = True
 
-    # -- machinery: groups' layout, counts, collectives, host copies ----------------------------------------------
-    # The G sub-codebooks live in one (K, D) matrix: code k of group g is codebook[k, g*D/G:(g+1)*D/G]; counts are
-    # (G*K,), group by group. With G = 1 this is the plain quantizer.
-
-    def _lookup(self, codes):
-        """(N, G) -> (N, D); indexing, not a one-hot matmul."""
-        groups = torch.arange(self.groups, device=codes.device)
-        return self._by_group(self.codebook)[groups, codes].reshape(codes.shape[0], self.dim)  # via (N, G, d)
-
-    def _shape_codes(self, codes, shape):
-        """(N, G) codes of vectors of `shape` (..., D) -> (...), or (..., G) when G > 1."""
-        return codes.reshape(*shape[:-1], *([self.groups] if self.groups > 1 else []))
-
-    def _flat(self, codes):
-        """codes (N, G) -> (G*N,) rows of the (G*K,) counts, group by group: code k of group g is row g*K + k."""
-        offsets = torch.arange(self.groups, device=codes.device) * self.codebook_size
-        return (codes + offsets).t().reshape(-1)
+    # -- machinery: counts, collectives, host copies
 
     def _counts(self, codes):
-        """Assignments per code of each group: (G*K,), all groups at once. An index_add_ of ones rather than
-        torch.bincount, which on a GPU reads the largest index back to the host; sums of ones are exact in float32
-        (up to 2^24 per code), so the order of the GPU's atomic adds cannot change the result."""
-        flat = self._flat(codes)
-        ones = torch.ones(flat.shape[0], device=codes.device)
-        return torch.zeros(self.groups * self.codebook_size, device=codes.device).index_add_(0, flat, ones)
+        """Assignments per code, (K,): an index_add_ of ones, exact in float32 (to 2^24 per code) in any order
+        (torch.bincount would read the largest index back to the host)."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
 
-    def _sums(self, z, codes):
-        """Sums of the parts of z (N, D) assigned to each code, (K, D) in the codebook's layout: one index_add_."""
-        K, G = self.codebook_size, self.groups
-        parts = self._by_group(z).reshape(G * z.shape[0], -1)  # (G*N, d), in the order of _flat
-        sums = torch.zeros(G * K, parts.shape[1], device=z.device).index_add_(0, self._flat(codes), parts)
-        return sums.view(G, K, -1).transpose(0, 1).reshape(K, self.dim)
-
-    def _by_group(self, x):
-        """(N, D) -> (G, N, D/G), a view: the groups side by side."""
-        return x.view(x.shape[0], self.groups, -1).transpose(0, 1)
-
-    def _per_dim(self, per_code):
-        """(G*K,) values per code of each group -> (K, D), each value repeated over its group's dims."""
-        d = self.dim // self.groups
-        return per_code.view(self.groups, -1).t().repeat_interleave(d, dim=1)
-
-    # Collectives that become no-ops without a process group, so the code above calls them unconditionally.
+    # Collectives, no-ops without a process group.
     @staticmethod
     def _all_reduce(t):  # sum over ranks, in place
         if dist.is_available() and dist.is_initialized():
@@ -313,7 +245,7 @@ class VectorQuantizer(nn.Module):
         return t
 
     @staticmethod
-    def _gather(z):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
+    def _gather(z):  # (N, D) per rank -> (world * N, D) on every rank; N equal on all ranks
         if not (dist.is_available() and dist.is_initialized()):
             return z
         parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
@@ -325,7 +257,6 @@ class VectorQuantizer(nn.Module):
         self._host_initialized = self._host_window_step = None  # the loaded buffers hold the truth now
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Encoder and decoder (VQ-VAE, section 4.1: strided convolutions and residual blocks)
 
 class ResBlock(nn.Module):
@@ -385,8 +316,7 @@ class Model(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        sizes = ("image_size", "in_channels", "hidden", "res_hidden", "codebook_size", "code_dim", "groups",
-                 "dead_code_window")
+        sizes = ("image_size", "in_channels", "hidden", "res_hidden", "codebook_size", "code_dim", "dead_code_window")
         small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
         if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
             raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
@@ -394,49 +324,27 @@ class Model(nn.Module):
             raise ValueError(f"downsample must be a power of 2 and at least 2, got {cfg.downsample}")
         if cfg.image_size % cfg.downsample:
             raise ValueError(f"image_size {cfg.image_size} is not divisible by downsample {cfg.downsample}")
-        probs = cfg.group_mask_probs
-        if probs and (len(probs) != cfg.groups or probs[0] != 0 or not all(0 <= p <= 1 for p in probs)):
-            raise ValueError(f"group_mask_probs needs {cfg.groups} probabilities in [0, 1], the first 0 (group 0 "
-                             f"is always kept), got {probs}")
-        if any(later < earlier for earlier, later in zip(probs, probs[1:])):  # one u drops every group with u < p_i
-            raise ValueError(f"group_mask_probs must be non-decreasing, so that the groups kept are always the first "
-                             f"ones (nested masks), got {probs}")
-        if not 0 <= cfg.groups_to_use <= cfg.groups:
-            raise ValueError(f"groups_to_use must be between 0 (all) and groups = {cfg.groups}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.pre_quant = nn.Conv2d(cfg.hidden, cfg.code_dim, 1)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, groups=cfg.groups, beta=cfg.beta,
-                                         ema=cfg.ema, decay=cfg.decay, eps=cfg.eps, init=cfg.init,
-                                         kmeans_iters=cfg.kmeans_iters, dead_code_threshold=cfg.dead_code_threshold,
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, beta=cfg.beta, ema=cfg.ema, decay=cfg.decay,
+                                         eps=cfg.eps, init=cfg.init, kmeans_iters=cfg.kmeans_iters,
+                                         dead_code_threshold=cfg.dead_code_threshold,
                                          dead_code_window=cfg.dead_code_window)
         self.post_quant = nn.Conv2d(cfg.code_dim, cfg.hidden, 1)
         self.decoder = Decoder(cfg)
-        # not saved: it is the config's, and a plain model's checkpoint stays as it was
-        self.register_buffer("mask_probs", torch.tensor(probs or [0.0] * cfg.groups), persistent=False)
 
     def _latents(self, x):
-        """(B, C, H, W) -> pre-quantization vectors (B, h, w, D), channels last for the quantizer."""
+        """(B, C, H, W) -> z (B, h, w, D), before quantization, channels last."""
         return self.pre_quant(self.encoder(x)).permute(0, 2, 3, 1)
 
     def _decode_latents(self, z_q):
         """(B, h, w, D) -> (B, C, H, W)"""
         return self.decoder(self.post_quant(z_q.permute(0, 3, 1, 2)))
 
-    def _group_mask(self, groups_to_use=None):
-        """(G,) bool, the groups to keep, or None for all of them. Training with group_mask_probs: MGVQ's nested
-        masking, one u per batch (and per rank), drawn on the device so that no value comes back to the host.
-        Evaluation: the first `groups_to_use` groups."""
-        n = self.cfg.groups_to_use if groups_to_use is None else groups_to_use
-        if self.training and self.cfg.group_mask_probs:
-            return torch.rand((), device=self.mask_probs.device) >= self.mask_probs  # u < p_i drops group i
-        if not self.training and 0 < n < self.cfg.groups:
-            return torch.arange(self.cfg.groups, device=self.mask_probs.device) < n
-        return None
-
     def forward(self, x):
         z = self._latents(x)  # (B, h, w, D)
-        z_q, codes, q_loss, q_stats = self.quantizer(z, self._group_mask())
+        z_q, codes, q_loss, q_stats = self.quantizer(z)
         x_hat = self._decode_latents(z_q)  # (B, C, H, W)
         recon = F.mse_loss(x_hat.float(), x.float())
         stats = {"recon": recon.detach(), **q_stats}
@@ -444,42 +352,22 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> codes (B, h, w), or (B, h, w, G) with groups. The codebook is left as it is."""
-        return self.quantizer.encode(self._latents(x))
+        """(B, C, H, W) -> codes (B, h, w); the codebook is left as it is."""
+        z = self._latents(x)
+        return self.quantizer.nearest(z.reshape(-1, self.cfg.code_dim)).reshape(z.shape[:-1])
 
     @torch.no_grad()
-    def decode(self, codes, groups_to_use=None):
-        """codes as encode gives them -> (B, C, H, W), from the first groups_to_use groups (default: the config's)."""
-        z_q = self.quantizer.lookup(codes)  # (B, h, w, D)
-        mask = self._group_mask(groups_to_use)
-        if mask is not None:
-            z_q = z_q * mask.repeat_interleave(self.cfg.code_dim // self.cfg.groups).to(z_q.dtype)
-        return self._decode_latents(z_q)
+    def decode(self, codes):
+        """codes (B, h, w) -> (B, C, H, W)"""
+        return self._decode_latents(self.quantizer.lookup(codes))
 
     def code_layout(self):
-        """For prior.py: [(one image's code shape, K)] per level, in encode's order: (h, w), or (h, w, G) with
-        groups. The model protocol (README.md) says how codes become one sequence."""
+        """For prior.py: [((h, w), K)], one level."""
         side = self.cfg.image_size // self.cfg.downsample
-        shape = (side, side, self.cfg.groups) if self.cfg.groups > 1 else (side, side)
-        return [(shape, self.cfg.codebook_size)]
-
-    @torch.no_grad()
-    def partial_decodes(self, x):
-        """For eval.py: {"groups_n": reconstruction from the first n groups} for n = 1..G, when G > 1."""
-        if self.cfg.groups == 1:
-            return {}
-        codes = self.encode(x)
-        return {f"groups_{n}": self.decode(codes, n) for n in range(1, self.cfg.groups + 1)}
+        return [((side, side), self.cfg.codebook_size)]
 
     @torch.no_grad()
     def latents(self, x):
-        """For eval.py: {name: (codebook (K, d), pre-quantization vectors (N, d), codes (N,))}, one entry per
-        codebook: "vq", or "group0", "group1", ... with groups."""
-        D, G = self.cfg.code_dim, self.cfg.groups
-        z = self._latents(x).reshape(-1, D).float()
-        codebook, codes = self.quantizer.codebook.detach().float(), self.quantizer.nearest(z)  # (K, D), (N, G)
-        if G == 1:
-            return {"vq": (codebook, z, codes[:, 0])}
-        d = D // G
-        return {f"group{g}": (codebook[:, g * d:(g + 1) * d], z[:, g * d:(g + 1) * d], codes[:, g])
-                for g in range(G)}
+        """For eval.py: {"vq": (codebook (K, D), pre-quantization vectors (N, D), codes (N,))}."""
+        z = self._latents(x).reshape(-1, self.cfg.code_dim).float()
+        return {"vq": (self.quantizer.codebook.detach().float(), z, self.quantizer.nearest(z))}

@@ -1,37 +1,31 @@
 """
 VQGAN trained "continuous first, discrete later": an autoencoder warm-up before vector quantization.
 
-Papers:
-  - "Continuous First, Discrete Later: VQ-VAEs Without Dimensional Collapse", 2026: the AE warm-up, the
-    effective-dimension diagnostics and the water-filling prediction of the codebook's dimension.
-  - "Taming Transformers for High-Resolution Image Synthesis" (VQGAN), Esser, Rombach and Ommer, 2021
-    (arXiv:2012.09841): the encoder/decoder layout, the PatchGAN discriminator with hinge loss and the adaptive
-    weight on the decoder's last layer. (We leave out the LPIPS perceptual loss: it needs downloaded weights.)
+Papers: "Continuous First, Discrete Later: VQ-VAEs Without Dimensional Collapse", Zhao, Karagodin et al., 2026
+(arXiv:2605.06870); VQGAN, "Taming Transformers for High-Resolution Image Synthesis", Esser et al., 2021
+(arXiv:2012.09841): the encoder/decoder, the PatchGAN with hinge loss, the adaptive GAN weight.
 
-The idea. Trained VQ-VAEs are "dimensionally collapsed": their latents and codebooks span a tiny subspace of the
-D-dim code space (the paper measures a codebook effective dimension of 3-5 out of 256 in VQGAN). The paper's account:
-from the first step the quantizer passes on, for each latent direction, only what a code of log2 K bits can carry,
-and reverse water-filling of a Gaussian source says that is nothing for the directions whose variance lies under
-the "water level" theta. The encoder gets no reconstruction gradient in those directions, so their variance never
-grows: the low-variance directions are suppressed for good. The fix is a warm-up: train the model as a plain
-autoencoder (quantizer bypassed) for `warmup_steps`, so the encoder first learns a high-rank representation; then
-switch on the quantizer, with the codebook initialised by k-means on the warm-up latents so that it starts where the
-latents are. The paper reports the codebook's effective dimension rising from 3-5 to 17-19 and rFID falling 17-35%
-(what this file gives on MNIST: RESULTS.md).
+The idea. Trained VQ-VAEs are "dimensionally collapsed": their latents and codebooks span a tiny subspace of the code
+space. From the first step the quantizer passes on only what log2 K bits can carry, and reverse water-filling says
+that is nothing for the directions whose variance lies under the water level theta: the encoder gets no
+reconstruction gradient there, so their variance never grows. The fix: train a plain autoencoder (quantizer
+bypassed) for `warmup_steps`, so that the encoder first learns a high-rank representation, then switch the quantizer
+on. eval.py logs the diagnostics: eff_dim_99 (the smallest k whose top-k PCA eigenvalues hold 99% of the variance)
+and the participation ratio pr, of latents and codebook; waterfill_dim, #{l_i > theta} with
+sum_i max(0, 1/2 log2(l_i / theta)) = log2 K, the paper's predicted codebook dimension.
 
-The diagnostics (eval.py computes them for every validation, train.py writes them to <out_dir>/log.jsonl):
-  eff_dim_99      the smallest k whose top-k PCA eigenvalues hold >= 99% of the variance, of the latents and of the
-                  codebook (the paper's definition);
-  pr              the participation ratio (sum l)^2 / sum l^2 of the same spectra;
-  waterfill_dim   #{l_i > theta} with sum_i max(0, 1/2 log2(l_i / theta)) = log2 K: the number of latent directions
-                  a K-code quantizer can afford, the paper's predicted (upper bound on the) codebook dimension.
-`python warmup_vqgan.py --curves out/RUN/log.jsonl` turns the log into a CSV of these curves over training.
+Where this departs from the papers:
+  - The switch initialises the codebook by k-means on the warm-up latents. The cold start gets the same k-means and
+    respawn, so that the two differ by the warm-up alone; `--switch_init keep --respawn_threshold 0` is taming's.
+  - Respawn under respawn_threshold / K usage: our reading of the paper's "threshold scaled inversely with K" (a
+    fixed count would call most codes dead at large K).
+  - `--switch_rule adaptive` (switch when the prediction stops growing) is ours: the paper leaves the rule open.
+  - No LPIPS (it needs downloaded weights); GroupNorm in the discriminator, not BatchNorm (DDP ranks would differ).
 
 Train it:  python train.py --model warmup_vqgan                                  # shapes, warm-up then VQ
            python train.py --model warmup_vqgan --dataset mnist --data_dir DIR --warmup_steps 0   # cold start
-           python train.py --model warmup_vqgan --dataset mnist --data_dir DIR --switch_rule adaptive
 Evaluate:  python eval.py --ckpt out/warmup_vqgan_mnist/ckpt.pt --split test
-Curves:    python warmup_vqgan.py --curves out/warmup_vqgan_mnist/log.jsonl      # writes log_curves.csv beside it
+Curves:    python eval.py --curves out/warmup_vqgan_mnist/log.jsonl      # curves.csv and curves.png beside it
 """
 
 import math
@@ -45,51 +39,47 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    # data (train.py fills these from the dataset; override on the command line)
+    # data (train.py fills these from the dataset)
     image_size: int = 32
     in_channels: int = 3
-    # encoder / decoder (taming-transformers layout; the paper's ImageNet VQGAN: 128, [1,1,2,2,4], 2 blocks, 256)
+    # encoder / decoder (taming's layout; the paper's ImageNet VQGAN: 128, [1,1,2,2,4], 2 blocks, 256)
     channels: int = 128  # channels at full resolution
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # channel multiplier per level; the side halves between levels
-    res_blocks: int = 2  # residual blocks per level (the decoder has one more, as in taming)
-    attention: bool = True  # self-attention at the lowest resolution (and in the middle block)
-    z_channels: int = 256  # the encoder's output channels (the "bottleneck")
-    # quantizer (taming's VectorQuantizer: the codebook is learned by ||sg(z) - e||^2, not by EMA)
-    codebook_size: int = 1024  # K; the paper uses 2^10, 2^14, 2^16
-    code_dim: int = 256  # D, the code vectors' dimension (paper: 256)
-    beta: float = 0.25  # commitment weight: beta * ||z - sg(e)||^2 moves the encoder
-    usage_decay: float = 0.99  # decay of the usage EMA that decides respawns (paper: 0.99)
-    respawn_threshold: float = 0.1  # a code respawns when its usage EMA falls under this fraction of uniform usage
-    # 1/K. The paper scales its threshold with 1/K as well; the fraction is our choice (see WarmupQuantizer)
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # per level; the side halves between levels
+    res_blocks: int = 2  # per level (the decoder: one more, as in taming)
+    attention: bool = True  # at the lowest resolution and in the middle block
+    z_channels: int = 256  # the encoder's output channels
+    # quantizer (taming's: a learned codebook, not EMA)
+    codebook_size: int = 1024  # K (paper: 2^10, 2^14, 2^16)
+    code_dim: int = 256  # D (paper: 256)
+    beta: float = 0.25  # commitment weight (taming)
+    usage_decay: float = 0.99  # of the usage EMA that decides respawns (paper: 0.99)
+    respawn_threshold: float = 0.1  # ours: respawn under this fraction of uniform usage 1/K; 0: never
     respawn_every: int = 10  # steps between respawn checks
-    kmeans_iters: int = 10  # Lloyd iterations at the switch
+    kmeans_iters: int = 10  # Lloyd iterations of the switch's k-means (ours)
     switch_init: str = "kmeans"  # codebook at the switch: "kmeans" (ours) | "keep" (taming's uniform start)
-    bank_size: int = 65536  # warm-up latents kept (per rank) for the k-means at the switch and for water-filling
-    # warm-up ("continuous first, discrete later")
-    warmup_steps: int = 10000  # steps of plain autoencoder training before the switch; 0 is the cold start.
-    # The paper sweeps 1k-40k; with switch_rule "adaptive" this is the longest warm-up allowed
-    switch_rule: str = "fixed"  # "fixed": switch at warmup_steps | "adaptive": when the water-filling dimension
-    # stops growing (see Model.set_step), and at warmup_steps at the latest
-    waterfill_every: int = 500  # steps between water-filling predictions during warm-up; 0 disables them
-    patience: int = 3  # adaptive rule: switch after this many predictions in a row without a new maximum
+    bank_size: int = 65536  # warm-up latents kept per rank, for k-means and water-filling
+    # warm-up
+    warmup_steps: int = 10000  # AE steps before the switch (paper: 1k-40k); 0 cold start; adaptive's cap
+    switch_rule: str = "fixed"  # "fixed" | "adaptive" (ours, see Model.set_step)
+    waterfill_every: int = 500  # steps between water-filling predictions; 0: none
+    patience: int = 3  # ours: adaptive's predictions in a row without a new maximum
     # discriminator (PatchGAN, hinge loss); disc_weight 0 removes it
     disc_weight: float = 0.8  # taming's ImageNet value; scales the adaptive weight
-    disc_start: int = 30000  # the GAN terms are off before this step (taming starts late, when recon is good)
+    disc_start: int = 30000  # GAN off before this step (taming starts late, once recon is good)
     disc_channels: int = 64  # ndf
     disc_layers: int = 3  # stride-2 conv layers of the PatchGAN
 
 
-# Per-dataset presets: train.py applies PRESETS[dataset] above the defaults and below the command line. Keys may be
-# Config fields or train.py settings. All of them use VQGAN's Adam betas (0.5, 0.9) and a constant lr (taming).
-# The small ones are sized for a CPU: mnist trains 1000 steps in about 10 minutes on one (shared) thread.
+# Per-dataset presets (Config fields or train.py settings), over the defaults and under the command line. All use
+# VQGAN's Adam betas (0.5, 0.9) and a constant lr; the small ones fit a CPU.
 _ADAM = dict(beta1=0.5, beta2=0.9, lr_schedule="constant")
 _SMALL = dict(channels=16, ch_mult=(1, 2, 4), res_blocks=1, z_channels=64, code_dim=32, kmeans_iters=10,
               disc_weight=0.0, disc_channels=32, disc_layers=2, waterfill_every=50, **_ADAM)
 PRESETS = {
-    # the embedded default: 32x32 -> 8x8 latents; `python train.py --model warmup_vqgan` runs in minutes on a CPU
+    # the embedded default: 32x32 -> 8x8 latents
     "shapes": dict(_SMALL, codebook_size=1024, warmup_steps=500, batch_size=32, lr=5e-4, max_iters=2000,
                    eval_interval=250),
-    # 28x28 -> 7x7 latents. GAN off: the experiment measures what warm-up does to the quantizer, not GAN sharpness
+    # 28x28 -> 7x7 latents. GAN off: the experiment measures the quantizer
     "mnist": dict(_SMALL, codebook_size=1024, warmup_steps=300, batch_size=32, lr=5e-4, max_iters=1000,
                   eval_interval=100),
     "fashion_mnist": dict(_SMALL, codebook_size=1024, warmup_steps=300, batch_size=32, lr=5e-4, max_iters=1000,
@@ -102,66 +92,21 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Spectra and water-filling. Twins of eval.py's (this file stands alone); tests/test_twins.py keeps them equal
-
-def eigenvalues(v):
-    """Eigenvalues of the covariance of the rows of v (N, D), largest first, in float64."""
-    v = v.double()
-    v = v - v.mean(0)
-    return torch.linalg.eigvalsh(v.t() @ v / max(v.shape[0] - 1, 1)).flip(0).clamp(min=0)
-
-
-def waterfill(eigs, bits):
-    """Reverse water-filling of a Gaussian source with variances `eigs` at rate `bits`: the level theta with
-    sum_i max(0, 1/2 log2(l_i / theta)) = bits. Returns (#{l_i > theta}, theta). With the k largest active,
-    log2 theta = (sum_{i<k} log2 l_i - 2 bits) / k, and the right k is the first whose theta is at least the
-    (k+1)-th eigenvalue (so that the (k+1)-th gets no bits)."""
-    eigs = eigs[eigs > 0].double().sort(descending=True).values
-    log_l = eigs.log2()
-    for k in range(1, len(eigs) + 1):
-        log_theta = (log_l[:k].sum() - 2 * bits) / k
-        if k == len(eigs) or log_theta >= log_l[k]:
-            return k, float(2 ** log_theta)
-    return 0, 0.0  # no variance at all: nothing to spend bits on
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The quantizer
 
 class WarmupQuantizer(nn.Module):
-    """A VQGAN vector quantizer with an autoencoder warm-up ("Continuous First, Discrete Later") and
-    usage-EMA respawn. Depends on torch only: copy it into your project.
+    """VQGAN's quantizer with an autoencoder warm-up and usage-EMA respawn. Depends on torch only.
 
-    Two phases, kept in the `phase` buffer (so a resumed run stays in its phase):
-      0, warm-up   forward returns z unchanged (the model is a plain autoencoder) and, in training, stores z in a
-                   bank of recent warm-up latents (a ring buffer of `bank_size` vectors per rank);
-      1, VQ        nearest-code quantization with a straight-through gradient. The codebook is an nn.Parameter
-                   learned by ||sg(z) - e||^2 (taming's VQGAN, not EMA); beta * ||z - sg(e)||^2 moves the encoder.
-    switch(z) goes from 0 to 1: k-means on the bank plus z initialises every code, and the usage EMA starts at the
-    k-means cluster sizes. A cold start (no warm-up) is a switch on the first batch, with an empty bank: k-means on
-    the untrained encoder's outputs (starting from repeated samples when K exceeds the batch's vectors). Candidly,
-    taming's cold VQGAN keeps its uniform initial codebook; we give the cold start the same k-means and respawn as
-    the warm one, so that a comparison of the two measures the warm-up alone. switch_init "keep" with
-    respawn_threshold 0 is taming's cold start itself: the uniform codebook, learned by its loss alone.
-
-    Respawn: `usage` is an EMA (decay 0.99) of the fraction of this step's vectors assigned to each code; uniform
-    use is 1/K. Every `respawn_every` steps, the codes with usage < respawn_threshold / K move onto random current
-    encoder outputs and their usage restarts at 1/K, which gives a respawned code about ln(threshold) / ln(decay)
-    (230 at 0.1 and 0.99) steps to win vectors before it can respawn again. Measuring usage relative to 1/K is our
-    reading of the paper's "threshold scaled inversely with K": a fixed count threshold (WavTokenizer's 1.0) would
-    call most codes dead at K = 2^14 with a few thousand vectors per step.
-
-    forward(z) takes z of shape (..., D) and returns (z_q, codes, loss, stats): z_q (..., D); codes (...) int64, or
-    None in warm-up; loss the scalar to add to the model's; stats scalar tensors for logging.
-
-    Under torch.distributed every rank keeps the same codebook, usage and phase: counts are all-reduced, the vectors
-    for k-means and respawns are gathered from all ranks, chosen on rank 0 and broadcast (every rank must pass the
-    same number of vectors, as with equal batches), and the codebook's gradient is all-reduced by DDP. Distances,
-    argmin and statistics run in float32 with autocast off (the fp32 island): in bf16 about 1% of argmins differ.
+    Phase 0, warm-up: forward returns z itself and, in training, keeps it in `bank`, a ring buffer. Phase 1, VQ:
+    nearest code, straight-through, loss beta * ||z - sg(e)||^2 + ||sg(z) - e||^2. switch(z) goes from 0 to 1.
+    Codes whose usage EMA falls under respawn_threshold / K respawn onto encoder outputs at usage 1/K, which gives
+    them ln(threshold) / ln(decay) steps to win vectors.
+    forward(z (..., D)) -> (z_q, codes or None in warm-up, loss, stats). Under DDP every rank keeps the same
+    codebook, usage and phase (ranks must pass equal numbers of vectors). Distances run in float32, autocast off:
+    in bf16 some argmins differ.
     """
 
-    search_block = 2 ** 22  # distance entries per chunk of the search (16 MiB), whatever N and K are
+    search_block = 2 ** 22  # distances per chunk of the search (16 MiB)
 
     def __init__(self, codebook_size, dim, beta=0.25, usage_decay=0.99, respawn_threshold=0.1, respawn_every=10,
                  kmeans_iters=10, bank_size=65536, switch_init="kmeans"):
@@ -171,106 +116,21 @@ class WarmupQuantizer(nn.Module):
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.usage_decay, self.respawn_threshold, self.respawn_every = usage_decay, respawn_threshold, respawn_every
         self.kmeans_iters, self.switch_init = kmeans_iters, switch_init
-        # taming's initialisation; overwritten by k-means at the switch unless switch_init is "keep"
+        # taming's U(-1/K, 1/K)
         self.codebook = nn.Parameter(torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size))
         self.register_buffer("phase", torch.zeros((), dtype=torch.long))  # 0 warm-up, 1 VQ
         self.register_buffer("usage", torch.full((codebook_size,), 1 / codebook_size))  # EMA of assignment fractions
         self.register_buffer("respawn_step", torch.zeros((), dtype=torch.long))  # steps since the last check
         self.register_buffer("bank", torch.zeros(bank_size, dim))  # warm-up latents, a ring buffer
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))  # vectors ever written to it
-        # Host copies of `phase` and `respawn_step`, so that a training step reads no value back from the device (on a
-        # GPU every such read, even an `if tensor:`, waits for all queued kernels). The buffers stay the truth for
-        # checkpoints; the copies are read from them at the first use after construction or loading.
+        # host copies of phase and respawn_step (see warming_up)
         self._host_phase = self._host_respawn_step = None
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_phase = self._host_respawn_step = None  # the loaded buffers hold the truth now
-
-    # Collectives that become no-ops without a process group, so the code below calls them unconditionally.
-    @staticmethod
-    def _all_reduce(t):  # sum over ranks, in place
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def _broadcast(t):  # rank 0's value everywhere, in place
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(t, src=0)
-        return t
-
-    @staticmethod
-    def _gather(z):  # (N, D) from every rank -> (world * N, D), the same on every rank; N must be equal on all ranks
-        if not (dist.is_available() and dist.is_initialized()):
-            return z
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z.contiguous())
-        return torch.cat(parts)
-
-    @property
-    def warming_up(self):
-        if self._host_phase is None:  # once after construction or loading
-            self._host_phase, self._host_respawn_step = int(self.phase), int(self.respawn_step)
-        return self._host_phase == 0
-
-    # -- nearest code -----------------------------------------------------------------------------------------------
-
-    def nearest(self, z, codebook=None):
-        """Index (N,) of the nearest code for each row of z (N, D). Chunked over rows so that the (rows, K) distance
-        block stays at search_block entries whatever N and K are, in one buffer reused by every chunk."""
-        e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
-        z = z.detach().float()
-        N, K = z.shape[0], e.shape[0]
-        e_sq = (e * e).sum(1)  # (K,)
-        chunk = min(N, max(1, self.search_block // K))
-        codes = torch.empty(N, dtype=torch.long, device=z.device)
-        d = torch.empty(chunk, K, device=z.device)
-        for i in range(0, N, chunk):
-            zc = z[i:i + chunk]  # (c, D)
-            dc = d[:zc.shape[0]]
-            # ||z||^2 is the same for every code and does not change the argmin: d = ||e||^2 - 2 z.e
-            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
-            codes[i:i + chunk] = self._argmin(dc)
-        return codes
-
-    @staticmethod
-    def _argmin(d, block=64):
-        """argmin over the last dim of d (..., K), ties to the lowest index, in two steps: the minimum of each block of
-        `block` codes (a plain vectorised min), then the argmin inside the first block holding the row's minimum.
-        Exact, and several times faster on a CPU than one argmin over K, whose reduction carries an index along.
-        Twins: every quantizer file has this copy; tests/test_search.py holds them all to a brute-force reference."""
-        B = min(block, d.shape[-1] & -d.shape[-1])  # the largest power of 2 that divides K, at most `block`
-        if B < 8:  # blocks this short would not pay
-            return d.argmin(-1)
-        blocks = d.unflatten(-1, (-1, B))  # (..., K/B, B)
-        best = blocks.amin(-1).argmin(-1, keepdim=True)  # (..., 1) the first block holding the minimum
-        inside = blocks.gather(-2, best[..., None].expand(*best.shape, B)).squeeze(-2)  # (..., B) that block
-        return best.squeeze(-1) * B + inside.argmin(-1)
-
-    def encode(self, z):
-        """(..., D) -> codes (...). Changes nothing: for eval and tokenizers."""
-        return self.nearest(z.reshape(-1, self.dim)).reshape(z.shape[:-1])
-
-    def lookup(self, codes):
-        """codes (...) -> code vectors (..., D), by indexing."""
-        return self.codebook[codes]
-
-    def _counts(self, codes):
-        """Assignments per code, (K,). An index_add_ of ones rather than torch.bincount, which on a GPU reads the
-        largest index back to the host; sums of ones are exact in float32 (up to 2^24 per code), so the order of the
-        GPU's atomic adds cannot change the result."""
-        ones = torch.ones(codes.shape[0], device=codes.device)
-        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
-
-    # -- forward ----------------------------------------------------------------------------------------------------
-
     def forward(self, z):
-        if self.warming_up:  # the bypass: z itself goes on, the very tensor (same dtype, same memory layout)
+        if self.warming_up:  # the bypass: z itself, the very tensor
             if self.training:
                 self._push(z.detach().float().reshape(-1, self.dim))
-            # A zero that touches the codebook: DDP (without find_unused_parameters) expects a gradient for every
-            # parameter at every step, and in warm-up nothing else reaches the codebook.
+            # touches the codebook: DDP expects a gradient for every parameter
             zero = self.codebook.sum() * 0.0
             none = torch.zeros((), device=z.device)
             return z, None, zero, {"commit": none, "perplexity": none, "code_usage": none, "low_usage": none}
@@ -281,12 +141,10 @@ class WarmupQuantizer(nn.Module):
             codes = self.nearest(z)  # (N,)
             e = self.codebook[codes]  # (N, D), with gradient to the codebook
             commit = F.mse_loss(z, e.detach())
-            # beta moves the encoder toward its code; the codebook term moves the code toward its vectors
             loss = self.beta * commit + F.mse_loss(e, z.detach())
-            # straight-through: the forward value is exactly e, the gradient of z_q goes to z unchanged
-            z_q = e.detach() + (z - z.detach())
+            z_q = e.detach() + (z - z.detach())  # straight-through: the value is exactly e
             counts = self._counts(codes)  # (K,) this rank's batch
-            if self.training:  # quantize and compute losses first, then update the usage and respawn
+            if self.training:  # after the loss: respawn changes the codebook
                 self._update(z.detach(), counts)
         p = counts / counts.sum()
         stats = {"commit": commit.detach(),
@@ -295,11 +153,28 @@ class WarmupQuantizer(nn.Module):
                  "low_usage": (self.usage < self.respawn_threshold / self.codebook_size).float().mean()}
         return z_q.reshape(shape), codes.reshape(shape[:-1]), loss, stats
 
-    # -- warm-up bank and the switch --------------------------------------------------------------------------------
+    def nearest(self, z, codebook=None):
+        """Nearest code (N,) for each row of z (N, D), in chunks of search_block distances, one reused buffer."""
+        e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
+        z = z.detach().float()
+        N, K = z.shape[0], e.shape[0]
+        e_sq = (e * e).sum(1)  # (K,)
+        chunk = min(N, max(1, self.search_block // K))
+        codes = torch.empty(N, dtype=torch.long, device=z.device)
+        d = torch.empty(chunk, K, device=z.device)
+        for i in range(0, N, chunk):
+            zc = z[i:i + chunk]  # (c, D)
+            dc = d[:zc.shape[0]]
+            # ||z||^2 does not change the argmin
+            torch.addmm(e_sq, zc, e.t(), alpha=-2.0, out=dc)  # (c, K)
+            codes[i:i + chunk] = self._argmin(dc)
+        return codes
+
+    # -- warm-up bank and the switch
 
     @torch.no_grad()
     def _push(self, z):
-        """Write z (N, D) into the ring buffer of warm-up latents (its last bank_size rows when N is larger)."""
+        """Write z (N, D) into the ring buffer (its last bank_size rows)."""
         size = self.bank.shape[0]
         z = z[-size:]
         rows = (self.bank_count + torch.arange(z.shape[0], device=z.device)) % size
@@ -307,14 +182,13 @@ class WarmupQuantizer(nn.Module):
         self.bank_count.add_(z.shape[0])
 
     def bank_latents(self):
-        """The warm-up latents held in the bank, (n, D), n <= bank_size (in ring order, which does not matter)."""
+        """The warm-up latents held, (n, D), in ring order."""
         return self.bank[:int(self.bank_count.clamp(max=self.bank.shape[0]))]
 
     @torch.no_grad()
     def predicted_dim(self):
-        """Water-filling prediction of the codebook's dimension from the bank's latents, over all ranks: the number
-        of latent directions that get bits at rate log2 K. The covariance is summed over ranks, so every rank gets
-        the same number (and the same switch decision). Call it on every rank."""
+        """Water-filling dimension at rate log2 K of the bank's covariance, summed over ranks so that every rank
+        gets the same. Call it on every rank."""
         z = self.bank_latents().double()  # (n, D)
         stats = torch.cat([z.new_tensor([z.shape[0]]), z.sum(0), (z.t() @ z).flatten()])  # n, sum, sum of outer
         self._all_reduce(stats)
@@ -328,10 +202,8 @@ class WarmupQuantizer(nn.Module):
 
     @torch.no_grad()
     def switch(self, z):
-        """End the warm-up: k-means on the warm-up bank plus z (N, D), the current batch's latents, initialises every
-        code; the usage EMA starts at the k-means cluster sizes (so the empty clusters respawn at the first check).
-        Computed on the gathered vectors of all ranks and broadcast from rank 0. With switch_init "keep" the codebook
-        stays as it is (taming's cold start) and the usage at uniform."""
+        """End the warm-up. With switch_init "kmeans", k-means on the bank plus z (N, D), this batch, sets every code,
+        and the usage EMA starts at the cluster sizes (empty ones respawn at the first check)."""
         if self.switch_init == "kmeans":
             self._kmeans_init(z)
         self.respawn_step.zero_()
@@ -341,14 +213,14 @@ class WarmupQuantizer(nn.Module):
     def _kmeans_init(self, z):
         data = self._gather(torch.cat([self.bank_latents(), z.float()]))  # (n, D), the same on every rank
         idx = torch.randperm(data.shape[0], device=data.device)[:self.codebook_size]
-        if idx.numel() < self.codebook_size:  # fewer vectors than codes: start from samples drawn with replacement
+        if idx.numel() < self.codebook_size:  # fewer vectors than codes: draw with replacement
             idx = torch.randint(0, data.shape[0], (self.codebook_size,), device=data.device)
-        codebook = data[idx].clone()  # (K, D): every code starts on a data vector
+        codebook = data[idx].clone()  # (K, D)
         for _ in range(self.kmeans_iters):  # Lloyd's iterations
             codes = self.nearest(data, codebook)
             counts = self._counts(codes)  # (K,)
             sums = torch.zeros_like(codebook).index_add_(0, codes, data)  # (K, D)
-            # an empty cluster keeps its centre, which is a data vector
+            # an empty cluster keeps its centre, a data vector
             codebook = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], codebook)
         counts = self._counts(self.nearest(data, codebook))
         self._broadcast(codebook)
@@ -356,7 +228,7 @@ class WarmupQuantizer(nn.Module):
         self.codebook.copy_(codebook)
         self.usage.copy_(counts / counts.sum())
 
-    # -- usage EMA and respawn (training mode only; every rank runs the same collectives) ----------------------------
+    # -- usage EMA and respawn (training only; every rank runs the same collectives)
 
     @torch.no_grad()
     def _update(self, z, counts):
@@ -371,22 +243,102 @@ class WarmupQuantizer(nn.Module):
 
     @torch.no_grad()
     def _respawn(self, z):
-        """Move the codes whose usage EMA is under threshold / K onto random encoder outputs of this step (of all
-        ranks, drawn on rank 0 and broadcast); their usage restarts at uniform, 1/K."""
+        """Move the low-usage codes onto random encoder outputs of all ranks, drawn on rank 0; usage restarts at 1/K."""
         K = self.codebook_size
-        low = self.usage < self.respawn_threshold / K  # (K,), equal on all ranks: usage is all-reduced
+        low = self.usage < self.respawn_threshold / K  # (K,), equal on all ranks
         z = self._gather(z)  # (world * N, D)
-        # always K candidates, used where a code is low: no data-dependent branch, the same collectives every time
+        # always K candidates: no data-dependent branch
         candidates = self._broadcast(z[torch.randint(0, z.shape[0], (K,), device=z.device)])  # (K, D)
-        # (Adam's moments for a respawned code are not reset: the optimizer is train.py's. Its first steps there
-        # are a little off; the codebook loss pulls it to its vectors all the same.)
+        # (Adam's moments are not reset: the optimizer is train.py's)
         self.codebook.copy_(torch.where(low[:, None], candidates, self.codebook))
         self.usage.masked_fill_(low, 1 / K)
 
+    # -- machinery: search helpers, host copies, DDP collectives
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Encoder and decoder (taming-transformers' layout: ResNet blocks with GroupNorm and swish, a stride-2 conv between
-# levels, self-attention at the lowest resolution), scaled down by Config
+    def encode(self, z):
+        """(..., D) -> codes (...), changing nothing."""
+        return self.nearest(z.reshape(-1, self.dim)).reshape(z.shape[:-1])
+
+    def lookup(self, codes):
+        """codes (...) -> code vectors (..., D)"""
+        return self.codebook[codes]
+
+    def _counts(self, codes):
+        """Assignments per code (K,). Not torch.bincount, which on a GPU reads back the largest index; sums of ones
+        are exact whatever the order of atomic adds."""
+        ones = torch.ones(codes.shape[0], device=codes.device)
+        return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
+
+    @staticmethod
+    def _argmin(d, block=64):
+        """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
+        codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over
+        K, whose reduction carries an index along). Twin: every quantizer file has this copy, kept equal by
+        tests/test_search.py."""
+        B = min(block, d.shape[-1] & -d.shape[-1])  # the largest power of 2 that divides K, at most `block`
+        if B < 8:  # blocks this short would not pay
+            return d.argmin(-1)
+        blocks = d.unflatten(-1, (-1, B))  # (..., K/B, B)
+        best = blocks.amin(-1).argmin(-1, keepdim=True)  # (..., 1) the first block holding the minimum
+        inside = blocks.gather(-2, best[..., None].expand(*best.shape, B)).squeeze(-2)  # (..., B) that block
+        return best.squeeze(-1) * B + inside.argmin(-1)
+
+    @property
+    def warming_up(self):
+        """From a host copy of `phase`: a read from a GPU would wait for its queued kernels. The buffers stay the
+        truth for checkpoints."""
+        if self._host_phase is None:  # once after construction or loading
+            self._host_phase, self._host_respawn_step = int(self.phase), int(self.respawn_step)
+        return self._host_phase == 0
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_phase = self._host_respawn_step = None  # reread from the loaded buffers
+
+    # Collectives, no-ops without a process group.
+    @staticmethod
+    def _all_reduce(t):  # sum over ranks, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def _broadcast(t):  # rank 0's value everywhere, in place
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(t, src=0)
+        return t
+
+    @staticmethod
+    def _gather(z):  # (N, D) from every rank -> (world * N, D) on every rank
+        if not (dist.is_available() and dist.is_initialized()):
+            return z
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        return torch.cat(parts)
+
+
+# Spectra and water-filling. Twin: eval.py's copies, kept equal by tests/test_twins.py
+
+def eigenvalues(v):
+    """Eigenvalues of the covariance of the rows of v (N, D), largest first, in float64."""
+    v = v.double()
+    v = v - v.mean(0)
+    return torch.linalg.eigvalsh(v.t() @ v / max(v.shape[0] - 1, 1)).flip(0).clamp(min=0)
+
+
+def waterfill(eigs, bits):
+    """Reverse water-filling of variances `eigs` at rate `bits`: (#{l_i > theta}, theta). With the k largest active,
+    log2 theta = (sum_{i<k} log2 l_i - 2 bits) / k; k is the first whose theta is at least the (k+1)-th eigenvalue."""
+    eigs = eigs[eigs > 0].double().sort(descending=True).values
+    log_l = eigs.log2()
+    for k in range(1, len(eigs) + 1):
+        log_theta = (log_l[:k].sum() - 2 * bits) / k
+        if k == len(eigs) or log_theta >= log_l[k]:
+            return k, float(2 ** log_theta)
+    return 0, 0.0
+
+
+# Encoder and decoder: taming's layout (ResNet blocks, GroupNorm, swish, attention at the lowest resolution)
 
 def Normalize(channels):
     return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6)  # taming: 32 groups; gcd for small widths
@@ -404,7 +356,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the positions of a (B, C, h, w) map, with a residual connection."""
+    """Single-head self-attention over the positions of (B, C, h, w), residual."""
 
     def __init__(self, channels):
         super().__init__()
@@ -440,7 +392,7 @@ class Upsample(nn.Module):
 
 
 def middle(c, attention):
-    """taming's middle block: ResNet, attention, ResNet, at the lowest resolution."""
+    """taming's middle block: ResNet, attention, ResNet."""
     return [ResnetBlock(c, c), AttnBlock(c) if attention else nn.Identity(), ResnetBlock(c, c)]
 
 
@@ -469,8 +421,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, z_channels, h, w) -> (B, C, h * 2^(levels-1), w * 2^(levels-1)). `conv_out` is the "last layer" whose
-    gradients set the GAN's adaptive weight."""
+    """(B, z_channels, h, w) -> (B, C, H, W). conv_out is the "last layer" of the adaptive GAN weight."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -494,9 +445,7 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """PatchGAN (pix2pix, as in taming's NLayerDiscriminator): (B, C, H, W) -> (B, 1, h, w) real/fake logits, one per
-    overlapping patch. Candidly: taming normalises with BatchNorm; we use GroupNorm, which has no running statistics
-    (those would differ across DDP ranks and be updated by the generator's pass through the discriminator)."""
+    """PatchGAN (taming's NLayerDiscriminator): (B, C, H, W) -> (B, 1, h, w) logits, one per patch."""
 
     def __init__(self, in_channels, channels=64, layers=3):
         super().__init__()
@@ -517,20 +466,18 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # The model
 
 class Model(nn.Module):
-    """Encoder -> 1x1 conv to D -> WarmupQuantizer (bypassed in warm-up) -> 1x1 conv back -> Decoder, trained by L1
-    reconstruction + the quantizer's loss + (from disc_start) the adaptive-weighted PatchGAN generator loss.
-    The discriminator is trained by train.py's second optimizer through aux_module() / aux_loss()."""
+    """Encoder -> 1x1 conv -> WarmupQuantizer -> 1x1 conv -> Decoder; loss L1 + the quantizer's + (from disc_start)
+    the adaptive-weighted GAN loss. train.py trains the discriminator through aux_module() / aux_loss()."""
 
     def __init__(self, cfg):
         super().__init__()
         sizes = ("image_size", "in_channels", "channels", "z_channels", "codebook_size", "code_dim", "bank_size",
                  "respawn_every")
         small = [f"{k} {getattr(cfg, k)}" for k in sizes if getattr(cfg, k) < 1]
-        if small:  # a size of 0 would fail later, in a reshape or a convolution, far from its cause
+        if small:  # 0 would fail later, far from its cause
             raise ValueError(f"these sizes must be at least 1: {', '.join(small)}")
         down = 2 ** (len(cfg.ch_mult) - 1)
         if not cfg.ch_mult or cfg.image_size % down:
@@ -551,25 +498,19 @@ class Model(nn.Module):
         self.decoder = Decoder(cfg)
         self.discriminator = (Discriminator(cfg.in_channels, cfg.disc_channels, cfg.disc_layers)
                               if cfg.disc_weight > 0 else None)
-        # the warm-up's record, saved with the model: the step of the switch (-1 before it) and the water-filling
-        # predictions that drive the adaptive rule
-        self.register_buffer("switch_step", torch.tensor(-1))
-        self.register_buffer("wf_last", torch.tensor(0))  # the latest prediction
+        # the warm-up's record, saved with the model
+        self.register_buffer("switch_step", torch.tensor(-1))  # -1 before the switch
+        self.register_buffer("wf_last", torch.tensor(0))  # latest water-filling prediction
         self.register_buffer("wf_best", torch.tensor(0))  # the largest so far
         self.register_buffer("wf_stale", torch.tensor(0))  # predictions in a row without a new largest
-        self.step = 0  # set by train.py before every step (set_step); not a buffer: train.py sets it on resume
+        self.step = 0  # not a buffer: train.py sets it on resume too
 
-    # -- the warm-up schedule ---------------------------------------------------------------------------------------
+    # -- the warm-up schedule
 
     def set_step(self, step):
-        """train.py calls this before every step, on every rank. During warm-up, every `waterfill_every` steps,
-        predict the codebook dimension by water-filling on the bank of warm-up latents.
-
-        The adaptive rule (the paper shows the prediction tracking the final codebook dimension but leaves the rule
-        open; this one is ours): switch once `patience` predictions in a row bring no new maximum, i.e. when the
-        predicted dimension has stopped growing for patience * waterfill_every steps; warmup_steps stays the
-        longest warm-up. The prediction is noisy by +-1 dimension, so "no new maximum" rather than "no increase over
-        the previous one"; a larger patience waits out slow growth at the cost of a longer warm-up."""
+        """train.py calls this before every step, on every rank. Every `waterfill_every` warm-up steps, predict the
+        codebook dimension; the adaptive rule switches after `patience` predictions without a new maximum (not "no
+        increase": the prediction is noisy). warmup_steps stays the longest warm-up."""
         self.step = step
         every = self.cfg.waterfill_every
         if self.quantizer.warming_up and every > 0 and step > 0 and step % every == 0:
@@ -589,10 +530,10 @@ class Model(nn.Module):
     def gan_active(self):
         return self.discriminator is not None and self.training and self.step >= self.cfg.disc_start
 
-    # -- forward ----------------------------------------------------------------------------------------------------
+    # -- forward
 
     def _latents(self, x):
-        """(B, C, H, W) -> pre-quantization vectors (B, h, w, D), channels last for the quantizer."""
+        """(B, C, H, W) -> pre-quantization vectors (B, h, w, D)"""
         return self.pre_quant(self.encoder(x)).permute(0, 2, 3, 1)
 
     def _decode_latents(self, z_q):
@@ -620,37 +561,34 @@ class Model(nn.Module):
         return x_hat, loss, stats
 
     def adaptive_weight(self, rec, g_loss):
-        """taming's lambda = ||grad rec|| / (||grad g|| + 1e-4) at the decoder's last layer, clamped to [0, 1e4] and
-        detached: it scales the GAN loss so that its gradient there is as large as the reconstruction's. Taken
-        inside forward, before train.py's backward (autograd.grad leaves .grad alone). Under DDP each rank uses its
-        own gradients, as in taming."""
+        """taming's lambda = ||grad rec|| / (||grad g|| + 1e-4) at the decoder's last layer. autograd.grad leaves
+        .grad alone for train.py's backward; per rank under DDP, as in taming."""
         last = self.decoder.conv_out.weight
         rec_grad = torch.autograd.grad(rec, last, retain_graph=True)[0]
         g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
-    # -- the discriminator, behind the protocol's aux hooks ----------------------------------------------------------
+    # -- the discriminator, behind train.py's aux hooks
 
     def aux_module(self):
-        """The discriminator, trained by train.py's second optimizer; None without one (disc_weight 0)."""
+        """The discriminator, for train.py's second optimizer; None when disc_weight is 0."""
         return self.discriminator
 
     def aux_loss(self, x, x_hat):
-        """Hinge loss of the discriminator on real x and detached reconstructions x_hat; zero before disc_start."""
+        """The discriminator's hinge loss on real x and detached x_hat; zero before disc_start."""
         if self.step < self.cfg.disc_start:
-            # a zero with a graph (train.py calls backward on it) that costs no pass through the discriminator
+            # a zero with a graph, for train.py's backward, without a pass through the discriminator
             zero = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
             return zero, {"d_real": zero.detach(), "d_fake": zero.detach()}
         real, fake = self.discriminator(x).float(), self.discriminator(x_hat.detach()).float()
         loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return loss, {"d_real": real.mean().detach(), "d_fake": fake.mean().detach()}
 
-    # -- tokenizer and eval.py interface ----------------------------------------------------------------------------
+    # -- tokenizer and eval.py interface
 
     @torch.no_grad()
     def encode(self, x):
-        """(B, C, H, W) -> codes (B, h, w). During warm-up there are no trained codes yet: these are the nearest
-        entries of the initial codebook, and decode(encode(x)) equals forward(x)[0] only after the switch."""
+        """(B, C, H, W) -> codes (B, h, w); before the switch, of the untrained codebook."""
         return self.quantizer.encode(self._latents(x))
 
     @torch.no_grad()
@@ -659,8 +597,7 @@ class Model(nn.Module):
         return self._decode_latents(self.quantizer.lookup(codes))
 
     def code_layout(self):
-        """For prior.py: [(one image's code shape, K)]: one (h, w) grid. Refused during warm-up, when the codes are
-        those of an untrained codebook."""
+        """For prior.py: [((h, w), K)]. Refused during warm-up, before the codes are trained."""
         if self.quantizer.warming_up:
             raise ValueError("warmup_vqgan: the model is still in its warm-up (no trained codes before the switch)")
         side = self.cfg.image_size // 2 ** (len(self.cfg.ch_mult) - 1)
@@ -674,56 +611,5 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def eval_stats(self, x):
-        """For eval.py: the phase (0 warm-up, 1 VQ), so each validation in log.jsonl says which phase it saw."""
+        """For eval.py: the phase, logged with each validation."""
         return {"phase": self.quantizer.phase.float()}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Curves over training: eff-dim, participation ratio and water-filling from train.py's log
-
-CURVE_KEYS = ("phase", "mse", "psnr", "vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent",
-              "vq/pr_codebook", "vq/waterfill_dim", "vq/perplexity", "vq/usage")
-
-
-def curves(log_path, csv_path=None, png_path=None):
-    """Read the validation records of a train.py log.jsonl and write them as a CSV (one row per validation, the
-    columns in CURVE_KEYS after `step`); with matplotlib installed and png_path given, also a PNG of the
-    dimensions. Returns the rows as dicts."""
-    import csv
-    import json
-    import os
-    rows = []
-    with open(log_path) as f:
-        for line in f:
-            record = json.loads(line)
-            if record.get("split") == "val":
-                rows.append({"step": record["step"], **{k: record.get(k, "") for k in CURVE_KEYS}})
-    csv_path = csv_path or os.path.splitext(log_path)[0] + "_curves.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", *CURVE_KEYS])
-        writer.writeheader()
-        writer.writerows(rows)
-    if png_path:
-        import matplotlib  # optional: only when asked for a PNG
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        steps = [r["step"] for r in rows]
-        for key in ("vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim"):
-            ax.plot(steps, [r[key] for r in rows], label=key.split("/")[1])
-        ax.set_xlabel("step")
-        ax.set_ylabel("dimensions")
-        ax.legend()
-        fig.savefig(png_path, dpi=100)
-    return rows
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="warmup_vqgan.py: curves of eff-dim over training from a train.py log.")
-    p.add_argument("--curves", required=True, help="a train.py log, out/<run>/log.jsonl")
-    p.add_argument("--csv", default=None, help="default: <log>_curves.csv beside the log")
-    p.add_argument("--png", default=None, help="also a PNG (needs matplotlib)")
-    args = p.parse_args()
-    out = curves(args.curves, args.csv, args.png)
-    print(f"{len(out)} validations written")

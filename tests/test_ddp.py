@@ -3,12 +3,14 @@
 import pytest
 import torch
 
-from vqvae import VectorQuantizer
+import mgvq
+import vqvae
 
 
 def _worker(rank, groups):
     torch.manual_seed(0)
-    vq = VectorQuantizer(64, 4, groups=groups, init="kmeans", dead_code_threshold=2, dead_code_window=3)
+    kw = dict(init="kmeans", dead_code_threshold=2, dead_code_window=3)
+    vq = vqvae.VectorQuantizer(64, 4, **kw) if groups == 1 else mgvq.VectorQuantizer(64, 4, groups=groups, **kw)
     torch.manual_seed(1000 + rank)  # from here on each rank draws different random numbers, as in training
 
     dead_at_reset = []
@@ -26,7 +28,7 @@ def _worker(rank, groups):
     return {"state": vq.state_dict(), "dead": dead_at_reset}
 
 
-@pytest.mark.parametrize("groups", [1, 2])  # the plain quantizer, and one sub-codebook per group (MGVQ)
+@pytest.mark.parametrize("groups", [1, 2])  # vqvae.py's quantizer; mgvq.py's, a sub-codebook per group
 def test_two_gloo_ranks_keep_identical_codebooks(two_gloo_ranks, groups):
     r0, r1 = two_gloo_ranks(_worker, groups)
     assert r0["dead"] == r1["dead"] and len(r0["dead"]) == 3  # resets at batches 3, 6 and 9

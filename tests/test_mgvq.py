@@ -1,43 +1,26 @@
-"""Multi-group quantization (MGVQ) in vqvae.py: groups = 1 is the plain quantizer, G > 1 is G independent
+"""Multi-group quantization (MGVQ) in mgvq.py: groups = 1 is vqvae.py's plain quantizer, G > 1 is G independent
 sub-quantizers computed together, and nested masking drops exactly the groups it should."""
 
-import os
+import importlib.util
+import inspect
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import eval as ev
-import vqvae
-from vqvae import Config, Model, VectorQuantizer
+import mgvq
+from mgvq import Config, Model, VectorQuantizer
+from test_vqvae import assert_reproduces_the_reference
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def reference_recipe(VQ):
-    """k-means init, EMA and a dead-code reset over 7 batches: the run recorded in data/vq_groups1_reference.pt with
-    the quantizer as it was before groups existed."""
-    torch.manual_seed(0)
-    vq = VQ(16, 4, init="kmeans", dead_code_threshold=2, dead_code_window=3)
-    out = []
-    for step in range(7):
-        z = (torch.randn(64, 4) * (1 + step % 3)).requires_grad_()
-        z_q, codes, loss, stats = vq(z)
-        (z_q.sum() + loss).backward()
-        out.append((z_q.detach(), codes, loss.detach(), z.grad))
-    return vq, out
+def small_config(**kw):
+    return Config(**{**dict(image_size=16, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32, code_dim=4), **kw})
 
 
 def test_one_group_reproduces_the_plain_quantizer_bitwise_and_its_checkpoint_format():
-    ref = torch.load(os.path.join(HERE, "data", "vq_groups1_reference.pt"), weights_only=True)
-    vq, out = reference_recipe(VectorQuantizer)
-    state = vq.state_dict()
-    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ref["state"].items()}
-    for name, value in ref["state"].items():
-        assert torch.equal(state[name], value), name
-    for i, (z_q, codes, loss, grad) in enumerate(out):
-        assert torch.equal(codes, ref["codes"][i]) and codes.shape == (64,)
-        assert torch.equal(z_q, ref["z_q"][i]) and torch.equal(loss, ref["loss"][i])
-        assert torch.equal(grad, ref["grad"][i])
+    assert_reproduces_the_reference(VectorQuantizer)  # the run recorded before groups existed
 
 
 def test_groups_are_independent_quantizers_of_the_parts():
@@ -119,7 +102,7 @@ def test_group_mask_zeroes_dropped_groups_and_skips_their_loss():
 def test_nested_masking_drops_group_i_when_u_is_below_p_i(monkeypatch):
     model = Model(Config(image_size=16, hidden=16, res_hidden=8, code_dim=8, groups=4, codebook_size=8,
                          group_mask_probs=(0.0, 0.2, 0.3, 0.4)))
-    monkeypatch.setattr(vqvae.torch, "rand", lambda *a, **k: torch.tensor(0.25))
+    monkeypatch.setattr(mgvq.torch, "rand", lambda *a, **k: torch.tensor(0.25))
     assert model._group_mask().tolist() == [True, True, False, False]  # 0.25 < 0.3 and < 0.4
     monkeypatch.undo()
     masks = torch.stack([model._group_mask() for _ in range(20000)]).float()
@@ -179,5 +162,44 @@ def test_bad_group_settings_are_refused(kwargs, message):
 
 def test_group_mask_probs_from_the_command_line():
     import train
-    _, mcfg, _, _ = train.resolve_config(["--groups", "4", "--code_dim", "16", "--group_mask_probs", "0,0.2,0.3,0.4"])
+    _, mcfg, _, _ = train.resolve_config(["--model", "mgvq", "--groups", "4", "--code_dim", "16",
+                                          "--group_mask_probs", "0,0.2,0.3,0.4"])
     assert mcfg.group_mask_probs == (0.0, 0.2, 0.3, 0.4)
+
+
+# -- a training step reads nothing on the host; the class copied alone -----------------------------------------------
+
+def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads):
+    torch.manual_seed(0)
+    model = Model(small_config(dead_code_window=2, groups=2, group_mask_probs=(0.0, 0.5)))
+    steps_without_host_reads(model, torch.rand(4, 3, 16, 16) * 2 - 1, steps=4)  # EMA updates, dead-code resets
+    assert model.quantizer.window_step == 1  # 5 batches in windows of 2: the steps ran, with their resets
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_vector_quantizer_class_stands_alone(tmp_path, groups):
+    source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n"
+              + inspect.getsource(VectorQuantizer))
+    path = tmp_path / "copied_quantizer.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("copied_quantizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    torch.manual_seed(0)
+    # 8 clusters in 4-D; an encoder (a linear map) and the copied quantizer learn them together
+    centres = torch.randn(8, 4) * 3
+    vq = module.VectorQuantizer(16, 4, groups=groups, init="kmeans")
+    enc = torch.nn.Linear(4, 4)
+    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(100):
+        x = centres[torch.randint(0, 8, (256,))] + 0.05 * torch.randn(256, 4)
+        z_q, codes, loss, stats = vq(enc(x))
+        recon = F.mse_loss(z_q, x)  # the quantized vector should stand for the input
+        opt.zero_grad()
+        (recon + loss).backward()
+        opt.step()
+        losses.append(float(recon.detach()))
+    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10])
+    assert stats["perplexity"] > 6  # the 8 clusters are all in use

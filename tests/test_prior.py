@@ -15,6 +15,7 @@ from PIL import Image
 import adaptive_vq
 import data
 import eval as evaluation
+import mgvq
 import pqvae
 import prior
 import sample
@@ -65,8 +66,8 @@ def small_prior(layout, **kw):
 TOKENIZERS = {
     "vqvae": lambda: vqvae.Model(vqvae.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1,
                                               codebook_size=16, code_dim=4)),
-    "vqvae_groups": lambda: vqvae.Model(vqvae.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1,
-                                                     codebook_size=8, code_dim=4, groups=2)),
+    "mgvq": lambda: mgvq.Model(mgvq.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1, codebook_size=8,
+                                           code_dim=4, groups=2)),
     "vqvae2": lambda: vqvae2.Model(vqvae2.Config(image_size=16, hidden=16, res_hidden=8, res_blocks=1,
                                                  codebook_size=16, code_dim=4, downsample=2)),
     "pqvae": lambda: pqvae.Model(pqvae.Config(image_size=16, hidden=16, feature_dim=32, downsample=2, steps=8,

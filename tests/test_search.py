@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import adaptive_vq
+import mgvq
 import pqvae
 import vqvae
 import vqvae2
@@ -44,7 +45,7 @@ def searches():
         return warmup_vqgan.WarmupQuantizer(e.shape[0], e.shape[1]).nearest(z, e)
 
     return [("vqvae", vq(vqvae.VectorQuantizer)), ("vqvae2", vq(vqvae2.VectorQuantizer)),
-            ("pqvae", pq), ("adaptive_vq", avq), ("warmup_vqgan", wq)]
+            ("mgvq", vq(mgvq.VectorQuantizer)), ("pqvae", pq), ("adaptive_vq", avq), ("warmup_vqgan", wq)]
 
 
 @pytest.mark.parametrize("name,nearest", searches())
@@ -56,7 +57,7 @@ def test_every_copy_finds_the_lowest_nearest_code_over_many_chunks(name, nearest
 
 def test_groups_search_each_group_like_brute_force():
     z, e = lattice(2000, 512, 8, seed=1)
-    q = vqvae.VectorQuantizer(512, 8, groups=4, init="random")
+    q = mgvq.VectorQuantizer(512, 8, groups=4, init="random")
     codes = q.nearest(z, e)  # (N, 4)
     for g in range(4):
         assert torch.equal(codes[:, g], lowest_tied(z[:, 2 * g:2 * g + 2], e[:, 2 * g:2 * g + 2]))
@@ -76,7 +77,7 @@ def test_blocked_argmin_equals_argmin_with_ties_infinities_and_nans(K):
 
 
 def test_the_argmin_copies_are_identical():
-    copies = [vqvae.VectorQuantizer, vqvae2.VectorQuantizer, pqvae.ProgressiveQuantizer,
+    copies = [vqvae.VectorQuantizer, vqvae2.VectorQuantizer, mgvq.VectorQuantizer, pqvae.ProgressiveQuantizer,
               adaptive_vq.CodebookQuantizer, warmup_vqgan.WarmupQuantizer]
     sources = {inspect.getsource(cls._argmin) for cls in copies}
     assert len(sources) == 1

@@ -1,9 +1,14 @@
-"""Quantizer copies that must stay in step (each model file stands alone, so the code is repeated on purpose):
-vqvae2.py's VectorQuantizer is vqvae.py's without groups, and both must give the same results bit for bit. The
-nearest-code search of every copy is held to one reference in tests/test_search.py."""
+"""Copies that must stay in step (each model file stands alone, so the code is repeated on purpose): vqvae2.py's
+VectorQuantizer is vqvae.py's, word for word; mgvq.py's with groups = 1 gives vqvae.py's results bit for bit; mgvq.py's
+encoder and decoder are vqvae.py's. The nearest-code search of every copy is held to one reference in
+tests/test_search.py."""
 
+import inspect
+
+import pytest
 import torch
 
+import mgvq
 import vqvae
 import vqvae2
 
@@ -21,14 +26,25 @@ def run(VQ, steps=7, **kw):
     return vq, out
 
 
-def test_vqvae2_quantizer_is_vqvae_quantizer_without_groups():
+@pytest.mark.parametrize("twin", [vqvae2.VectorQuantizer, lambda *a, **kw: mgvq.VectorQuantizer(*a, groups=1, **kw)],
+                         ids=["vqvae2", "mgvq_one_group"])
+def test_quantizer_twins_give_vqvae_results_bit_for_bit(twin):
     for kw in ({}, {"ema": False}):
-        ours, ours_out = run(vqvae2.VectorQuantizer, **kw)
-        twin, twin_out = run(vqvae.VectorQuantizer, **kw)
-        for a, b in zip(ours_out, twin_out):
+        ours, ours_out = run(vqvae.VectorQuantizer, **kw)
+        theirs, theirs_out = run(twin, **kw)
+        for a, b in zip(ours_out, theirs_out):
             assert all(torch.equal(x, y) for x, y in zip(a, b))
-        for name, value in twin.state_dict().items():
-            assert torch.equal(ours.state_dict()[name], value), name
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        for name, value in ours.state_dict().items():
+            assert torch.equal(theirs.state_dict()[name], value), name
+
+
+def test_the_copies_texts_are_identical():
+    assert inspect.getsource(vqvae2.VectorQuantizer) == inspect.getsource(vqvae.VectorQuantizer)
+    for name in ("ResBlock", "Encoder", "Decoder"):
+        assert inspect.getsource(getattr(mgvq, name)) == inspect.getsource(getattr(vqvae, name)), name
+    assert inspect.getsource(mgvq.VectorQuantizer._argmin) == inspect.getsource(vqvae.VectorQuantizer._argmin)
+    assert mgvq.VectorQuantizer.search_block == vqvae.VectorQuantizer.search_block
 
 
 def test_warmup_vqgan_spectra_are_eval_spectra():

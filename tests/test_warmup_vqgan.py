@@ -331,20 +331,27 @@ def test_resume_across_the_switch_keeps_the_phase_and_equals_a_straight_run(tmp_
         assert torch.equal(value, b[name]), name
 
 
-def test_train_and_eval_end_to_end_report_eff_dims_and_curves(tmp_path):
+def test_train_and_eval_end_to_end_report_eff_dims_and_curves(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "6", "--eval_interval", "2"])
     log = read_log(out)
     val = [r for r in log if r["split"] == "val"]
     assert [r["step"] for r in val] == [2, 4, 6] and [r["phase"] for r in val] == [0, 1, 1]
-    for key in ("vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim"):
+    dims = ("vq/eff_dim_99_latent", "vq/eff_dim_99_codebook", "vq/pr_latent", "vq/waterfill_dim")
+    for key in dims:
         assert all(key in r for r in val), key
     train_records = [r for r in log if r["split"] == "train"]
     assert train_records[-1]["gan_weight"] > 0 and "aux_d_real" in train_records[-1]  # the GAN is on from step 4
-    rows = warmup_vqgan.curves(os.path.join(out, "log.jsonl"))
-    with open(os.path.join(out, "log_curves.csv")) as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6]
-    assert rows[-1]["vq/eff_dim_99_codebook"] == val[-1]["vq/eff_dim_99_codebook"]
+    panels = []  # what curves.png would show, without needing matplotlib
+    monkeypatch.setattr(ev, "plot", lambda path, title, drawn: panels.extend(drawn) or False)
+    ev.main(["--curves", os.path.join(out, "log.jsonl"), "--out", str(tmp_path / "curves")])
+    with open(tmp_path / "curves" / "curves.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    for key in ("phase", *dims):
+        assert [float(r[key]) for r in rows] == [r[key] for r in val], key
+    dim_lines = {label for title, _, _, lines in panels if title.startswith("dimensions") for label, *_ in lines}
+    assert {f"val {key}" for key in dims} <= dim_lines
     metrics = ev.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--max_batches", "2", "--batch_size", "4",
                        "--json", str(tmp_path / "m.json"), "--grid", str(tmp_path / "g.png")])
     assert metrics["phase"] == 1 and 1 <= metrics["vq/eff_dim_99_codebook"] <= 4
