@@ -466,9 +466,37 @@ def load_model(path, device="cpu"):
     """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
     ckpt = read_checkpoint(path)
     module = import_model(ckpt["train_config"]["model"], "eval.py")
-    model = module.Model(module.Config(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    model = build_model(module, ckpt["model_config"], path, ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+def build_model(module, config, source, weights=None):
+    """module.Model(module.Config(**config)) with `weights` loaded (see check_config and load_weights)."""
+    check_config(module, config, source)
+    model = module.Model(module.Config(**config))
+    if weights is not None:
+        load_weights(model, weights, source)
+    return model
+
+
+def check_config(module, config, source):
+    """Exit, naming them, when `source` (a checkpoint) holds settings that module.Config lacks: it was written by
+    another version of the model file."""
+    unknown = sorted(set(config) - set(module.Config.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"{source} was written by another version of {module.__name__}.py: its settings "
+                         f"{', '.join(unknown)} are not {module.__name__}.Config's")
+
+
+def load_weights(model, weights, source):
+    """model.load_state_dict(weights), or an exit saying which weights of `source` do not fit (other names or shapes:
+    a checkpoint written by another version of the model file)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise SystemExit(f"{source} was written by another version of {type(model).__module__}.py: "
+                         f"{lines[1] if len(lines) > 1 else lines[0]}") from None
 
 
 def main(argv=None):

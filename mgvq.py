@@ -49,7 +49,7 @@ class Config:
     dead_code_window: int = 10  # batches per window (hierarchy paper: 2 uses over 10 batches)
     # multi-group quantization (MGVQ); groups = 1 is vqvae.py's plain VQ
     groups: int = 4  # G parts of code_dim, each with a sub-codebook of codebook_size codes; ours: a default G > 1
-    group_mask_probs: tuple[float, ...] = ()  # drop group i when u < p_i (paper, stage 1: 0,0.2,0.3,0.4); () off
+    group_mask_probs: tuple[float, ...] = ()  # drop group i when u < p_i, non-decreasing (stage 1: 0,0.2,0.3,0.4)
     groups_to_use: int = 0  # in eval mode, decode from the first groups only; 0 uses all
 
 
@@ -398,7 +398,7 @@ class Model(nn.Module):
                                          dead_code_window=cfg.dead_code_window)
         self.post_quant = nn.Conv2d(cfg.code_dim, cfg.hidden, 1)
         self.decoder = Decoder(cfg)
-        # not saved: the config holds it, and a one-group checkpoint is vqvae.py's
+        # not saved: the config holds it, and a one-group state_dict is vqvae.py's
         self.register_buffer("mask_probs", torch.tensor(probs or [0.0] * cfg.groups), persistent=False)
 
     def _latents(self, x):

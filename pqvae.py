@@ -16,13 +16,14 @@ times eq. 5, mean_x H(q(z|x)) - H(mean_x q(z|x)): confident per image, uniform o
 
 Where this departs from the papers:
   - The nearest code, straight-through with a commitment term (VQ-VAE), not the paper's Gumbel-softmax sample
-    (`--code_choice gumbel`): its random codebook, learned by gradient alone, barely moves; positions carry nothing.
+    (`--code_choice gumbel` draws it, with the codebook still fitted as below): a random codebook learned by gradient
+    alone never moves (the softmax is one-hot, unchosen codes get no gradient) and the positions carry nothing.
   - The codebook is fitted to data as in vqvae.py: k-means on the first batch, EMA, dead-code reset.
   - Per-step scale (`step_norm`, `center_weight`): the codebook sees e_l over its step's running scale, each
-    step's batch mean pulled to 0 (the scaling hides it from the loss), so every step uses the whole codebook;
-    else early steps sit off-centre, spread little and carry almost nothing.
+    step's batch mean pulled to 0 by a penalty (the scaling hides the mean from the loss, and it drifts: the steps'
+    clouds move apart), so every step uses the whole codebook; else early steps sit off-centre and carry little.
   - Eq. 5 is averaged over the L * P positions (the paper sums over l), so lambda_h is independent of L * P.
-  - lambda_h, the Gumbel schedule (dVAE's), AdamW and step counts are ours; the CPU presets are much narrower.
+  - lambda_h, the Gumbel schedule (dVAE's shape), AdamW and step counts are ours; the CPU presets are narrower.
   - Tail dropout draws the cut-off per image, not per batch: each batch trains many prefix lengths.
 
 Train it:  python train.py --model pqvae [--dataset mnist --data_dir DIR] [--tail_dropout true]
@@ -47,7 +48,7 @@ class Config:
     # encoder / decoder (dVAE-style)
     hidden: int = 256  # channels of the convolutional path
     res_blocks: int = 3  # residual blocks per side (paper)
-    downsample: int = 4  # image side / map side, a power of 2 (the paper's code counts)
+    downsample: int = 4  # image side / map side, a power of 2; 4 gives the paper's 64, 256, 1024 codes at 32, 64, 128
     feature_dim: int = 512  # C, channels of the quantized feature map (paper)
     # progressive quantizer (Algorithm 1)
     submap: int = 8  # sub-maps are (C, submap, submap) (paper)
@@ -56,7 +57,7 @@ class Config:
     channel_dim: int = 4  # W_c,l is (C, channel_dim) (paper); D = channel_dim * spatial_dim
     codebook_size: int = 256  # K, one codebook for all steps (paper)
     code_choice: str = "nearest"  # ours; "gumbel": the paper's hard Gumbel-softmax
-    temp_start: float = 1.0  # Gumbel temperature, decayed exponentially (ours)
+    temp_start: float = 1.0  # Gumbel temperature, decayed exponentially (dVAE's shape; the paper is silent)
     temp_end: float = 0.0625  # ours
     temp_anneal_iters: int = 25000  # ours: steps of the decay
     # fitting the codebook to data (ours, as vqvae.py)

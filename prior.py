@@ -11,11 +11,11 @@ sequence z_1..z_n (the model protocol in README.md: levels in order, raster orde
 p(z) = prod_t p(z_t | z_<t): the input at t is a start token or z_(t-1)'s embedding, plus a position embedding; the
 output is the logits of z_t over its level's K codes; the loss is the cross-entropy, logged in bits. In pqvae a code
 means a different vector at every step, so each embedding first goes through its position's own matrix (PQ-VAE's
-position-specific transformation). The tokenizer is frozen and encodes each batch as it comes, so train.py serves
-the prior unchanged; its weights travel in the prior's checkpoint.
+position-specific transformation; on by default for 1-D codes). The tokenizer is frozen (eval mode, float32 in any
+autocast) and encodes each batch as it comes, so train.py serves the prior unchanged; its weights travel in the
+prior's checkpoint.
 
-Where this departs from the papers: the position matrices start at the identity (PQ-VAE gives no initialisation)
-and are on by default for 1-D codes only.
+Where this departs from the papers: the position matrices start at the identity (PQ-VAE gives no initialisation).
 
 Train it:  python train.py --model prior --tokenizer out/pqvae_mnist/ckpt.pt   (dataset and image size from the
            tokenizer's checkpoint; out_dir out/prior_pqvae_mnist)
@@ -106,7 +106,7 @@ class Model(nn.Module):
             cfg = dataclasses.replace(cfg, **tokenizer_settings(cfg.tokenizer)[0])
         self.cfg = cfg
         module = importlib.import_module(cfg.tokenizer_model)
-        self.tokenizer = module.Model(module.Config(**cfg.tokenizer_config))
+        self.tokenizer = evaluation.build_model(module, cfg.tokenizer_config, f"the tokenizer of {cfg.tokenizer}")
         weights = tokenizer_weights(cfg.tokenizer, cfg.tokenizer_config)
         if weights is not None:
             self.tokenizer.load_state_dict(weights)
@@ -215,9 +215,7 @@ def load_tokenizer(path):
     if not hasattr(module.Model, "code_layout"):
         raise SystemExit(f"prior.py: {path} holds a {name} model, which has no code_layout(); a tokenizer is one of "
                          f"vqvae, mgvq, vqvae2, pqvae, warmup_vqgan")
-    model = module.Model(module.Config(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return evaluation.build_model(module, ckpt["model_config"], path, ckpt["model"]).eval(), ckpt
 
 
 def tokenizer_settings(path):

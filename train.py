@@ -15,9 +15,13 @@ train.py knows no model by name: it imports <model>.py and uses its Config, Mode
 (set_step, aux_module / aux_loss, inherited_settings). That protocol, with who calls each part and when, is written
 once: the table under "Adding a model" in README.md.
 
-Checkpoints (<out_dir>/ckpt.pt: model, optimizers, scalers, step, config, RNG state) are written atomically, before
-validation; a resumed run equals an uninterrupted one; a non-finite loss, a failed write or SIGINT / SIGTERM stops
-the run without losing the last good checkpoint. How, and what is refused: train_utils.py.
+Checkpoints (<out_dir>/ckpt.pt: model, optimizers, grad scalers, step, config, RNG state) are written to a temporary
+file and renamed, before any validation: a crash or a kill never leaves a broken one. A resumed run continues the
+same data order and equals an uninterrupted one; it keeps the run's model and dataset, refuses non-finite weights and
+drops the log entries past the checkpoint's step; a new run will not replace a checkpoint without --overwrite. A
+non-finite loss or gradient, or a failed write (a full disk), stops the run with a message and leaves the last good
+checkpoint untouched. SIGINT or SIGTERM finish the step, save and exit with status 128 + the signal's number (130 or
+143: a scheduler sees a preempted job); a second Ctrl-C quits at once.
 """
 
 import contextlib
@@ -118,7 +122,7 @@ def main(argv=None):
 
     step = 0
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
+        evaluation.load_weights(raw_model, ckpt["model"], f"train.py: --resume: {ckpt_path}")
         for opt, state in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         for scaler, state in zip(scalers, ckpt["scalers"]):
@@ -134,7 +138,7 @@ def main(argv=None):
 
     if world > 1:
         model = wrap_ddp(model, aux_ids, device)
-    if tcfg.compile:  # after DDP, as PyTorch recommends (and so that the parameter names above are the model's)
+    if tcfg.compile:  # after DDP, as PyTorch recommends (so that wrap_ddp sees the model's own parameter names)
         model = torch.compile(model)
 
     train_loader, val_loader, sampler = make_loaders(tcfg, mcfg, device, rank, world)
@@ -299,13 +303,16 @@ def resolve_config(argv):
         tcfg = TrainConfig(**{**{k: v for k, v in inherited.items() if k in train_types}, **early})
     ckpt = None
     if tcfg.resume:
-        ckpt = evaluation.read_checkpoint(os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt"))
+        ckpt_path = os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt")
+        ckpt = evaluation.read_checkpoint(ckpt_path)
         for key in ("model", "dataset"):  # a run continues on its own data with its own model
             if early.get(key, ckpt["train_config"][key]) != ckpt["train_config"][key]:
                 raise SystemExit(f"train.py: --resume: --{key} {early[key]} differs from the checkpoint's "
                                  f"{ckpt['train_config'][key]}")
         tcfg = TrainConfig(**{**ckpt["train_config"], **early})
     module = evaluation.import_model(tcfg.model)
+    if ckpt is not None:
+        evaluation.check_config(module, ckpt["model_config"], f"train.py: --resume: {ckpt_path}")
     model_types = field_types(module.Config)
     clash = set(train_types) & set(model_types)
     assert not clash, f"{tcfg.model}.Config reuses train.py setting names: {clash}"

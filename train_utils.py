@@ -1,15 +1,6 @@
 """
 What train.py needs that its loop need not show: the command line, devices and DDP, the data stream, and the
 machinery that keeps a run's work safe (atomic checkpoints, the log trimmed on resume, the run lock, signals).
-
-Checkpoints (<out_dir>/ckpt.pt) hold the model, optimizer(s), grad scaler(s), step, config and RNG state. They are
-written to a temporary file and renamed, so a crash or a kill never leaves a broken one behind, and before any
-validation. A resumed run continues with the same data order and equals an uninterrupted one; a new run will not
-replace an existing checkpoint without --overwrite; a resume keeps the run's model and dataset, refuses a checkpoint
-whose weights are not finite, and drops the log entries past the checkpoint's step. A non-finite loss or gradient
-stops the run with a message and leaves the last good checkpoint untouched; so does a failed write (a full disk).
-SIGINT or SIGTERM finish the current step, save and exit with status 128 + the signal's number (130 or 143: a
-scheduler sees a preempted job); a second Ctrl-C quits at once.
 """
 
 import atexit

@@ -10,9 +10,9 @@ space. From the first step the quantizer passes on only what log2 K bits can car
 that is nothing for the directions whose variance lies under the water level theta: the encoder gets no
 reconstruction gradient there, so their variance never grows. The fix: train a plain autoencoder (quantizer
 bypassed) for `warmup_steps`, so that the encoder first learns a high-rank representation, then switch the quantizer
-on. eval.py logs the diagnostics: eff_dim_99 (the smallest k whose top-k PCA eigenvalues hold 99% of the variance)
-and the participation ratio pr, of latents and codebook; waterfill_dim, #{l_i > theta} with
-sum_i max(0, 1/2 log2(l_i / theta)) = log2 K, the paper's predicted codebook dimension.
+on. eval.py computes the diagnostics, logged at every validation: eff_dim_99 (the smallest k whose top-k PCA
+eigenvalues hold 99% of the variance) and the participation ratio pr, of latents and codebook; waterfill_dim,
+#{l_i > theta} with sum_i max(0, 1/2 log2(l_i / theta)) = log2 K, the paper's predicted codebook dimension.
 
 Where this departs from the papers:
   - The switch initialises the codebook by k-means on the warm-up latents. The cold start gets the same k-means and
@@ -95,7 +95,8 @@ PRESETS = {
 # The quantizer
 
 class WarmupQuantizer(nn.Module):
-    """VQGAN's quantizer with an autoencoder warm-up and usage-EMA respawn. Depends on torch only.
+    """VQGAN's quantizer with an autoencoder warm-up and usage-EMA respawn. Needs torch and this file's eigenvalues and
+    waterfill.
 
     Phase 0, warm-up: forward returns z itself and, in training, keeps it in `bank`, a ring buffer. Phase 1, VQ:
     nearest code, straight-through, loss beta * ||z - sg(e)||^2 + ||sg(z) - e||^2. switch(z) goes from 0 to 1.

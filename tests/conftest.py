@@ -90,3 +90,26 @@ def assert_resume_equals_straight(tmp_path):
                   for d in (straight, parts)]
         assert losses[0] == losses[1]
     return run
+
+
+@pytest.fixture
+def reproduces_the_reference():
+    """reproduces_the_reference(VQ): asserts that VQ (a quantizer class with vqvae.py's constructor) runs k-means init,
+    EMA and a dead-code reset over 7 batches exactly as recorded in data/vq_reference.pt: the same codes, z_q, loss,
+    gradient and state_dict, bit for bit (vqvae.py's quantizer, and mgvq.py's with groups = 1)."""
+    def check(VQ):
+        ref = torch.load(os.path.join(os.path.dirname(__file__), "data", "vq_reference.pt"), weights_only=True)
+        torch.manual_seed(0)
+        vq = VQ(16, 4, init="kmeans", dead_code_threshold=2, dead_code_window=3)
+        for step in range(7):
+            z = (torch.randn(64, 4) * (1 + step % 3)).requires_grad_()
+            z_q, codes, loss, stats = vq(z)
+            (z_q.sum() + loss).backward()
+            assert torch.equal(codes, ref["codes"][step]) and codes.shape == (64,)
+            assert torch.equal(z_q.detach(), ref["z_q"][step]) and torch.equal(loss.detach(), ref["loss"][step])
+            assert torch.equal(z.grad, ref["grad"][step])
+        state = vq.state_dict()
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ref["state"].items()}
+        for name, value in ref["state"].items():
+            assert torch.equal(state[name], value), name
+    return check

@@ -12,15 +12,14 @@ import torch.nn.functional as F
 import eval as ev
 import mgvq
 from mgvq import Config, Model, VectorQuantizer
-from test_vqvae import assert_reproduces_the_reference
 
 
 def small_config(**kw):
     return Config(**{**dict(image_size=16, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32, code_dim=4), **kw})
 
 
-def test_one_group_reproduces_the_plain_quantizer_bitwise_and_its_checkpoint_format():
-    assert_reproduces_the_reference(VectorQuantizer)  # the run recorded before groups existed
+def test_one_group_reproduces_the_plain_quantizer_bitwise_and_its_checkpoint_format(reproduces_the_reference):
+    reproduces_the_reference(VectorQuantizer)  # the class default, one group: vqvae.py's recorded run
 
 
 def test_groups_are_independent_quantizers_of_the_parts():

@@ -467,6 +467,25 @@ def test_an_unusable_device_is_refused_in_one_line(monkeypatch, device, gpus, me
         evaluation.main(["--ckpt", "unused.pt", "--device", device])
 
 
+def test_a_checkpoint_of_another_version_of_the_model_file_is_refused_with_the_reason(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--out_dir", out, "--max_iters", "1"])
+    path = os.path.join(out, "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    resume = ["--out_dir", out, "--resume", "--max_iters", "2"]
+    # settings this vqvae.py does not have (as a checkpoint from before MGVQ had its own file holds)
+    torch.save(dict(ckpt, model_config={**ckpt["model_config"], "groups": 1, "groups_to_use": 0}), path)
+    for call in (lambda: evaluation.load_model(path), lambda: train.main(resume)):
+        with pytest.raises(SystemExit, match="another version of vqvae.py: its settings groups, groups_to_use are not"):
+            call()
+    # weights under names this vqvae.py does not use
+    renamed = {k.replace("pre_quant.", "quant_conv."): v for k, v in ckpt["model"].items()}
+    torch.save(dict(ckpt, model=renamed), path)
+    for call in (lambda: evaluation.load_model(path), lambda: train.main(resume)):
+        with pytest.raises(SystemExit, match=r"another version of vqvae.py: Missing key\(s\) in state_dict: \"pre_quant"):
+            call()
+
+
 def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "1"])

@@ -1,8 +1,7 @@
-"""vqvae.py: the quantizer's rules (DESIGN section 3) and the Model contract (section 2)."""
+"""vqvae.py: the quantizer's rules and the Model contract (the protocol table in README.md)."""
 
 import importlib.util
 import inspect
-import os
 
 import numpy as np
 import pytest
@@ -15,45 +14,14 @@ import vqvae
 import vqvae2
 from vqvae import Config, Model, VectorQuantizer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def small_config(**kw):
     return Config(**{**dict(image_size=16, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32, code_dim=4), **kw})
 
 
 # -- a recorded run, bit for bit ---------------------------------------------------------------------------------------
 
-def reference_recipe(VQ):
-    """k-means init, EMA and a dead-code reset over 7 batches: the run recorded in data/vq_groups1_reference.pt."""
-    torch.manual_seed(0)
-    vq = VQ(16, 4, init="kmeans", dead_code_threshold=2, dead_code_window=3)
-    out = []
-    for step in range(7):
-        z = (torch.randn(64, 4) * (1 + step % 3)).requires_grad_()
-        z_q, codes, loss, stats = vq(z)
-        (z_q.sum() + loss).backward()
-        out.append((z_q.detach(), codes, loss.detach(), z.grad))
-    return vq, out
-
-
-def assert_reproduces_the_reference(VQ):
-    """VQ's run of reference_recipe equals the recorded one bitwise, with the same checkpoint format. Also used by
-    tests/test_mgvq.py for mgvq.py's quantizer with groups = 1."""
-    ref = torch.load(os.path.join(HERE, "data", "vq_groups1_reference.pt"), weights_only=True)
-    vq, out = reference_recipe(VQ)
-    state = vq.state_dict()
-    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ref["state"].items()}
-    for name, value in ref["state"].items():
-        assert torch.equal(state[name], value), name
-    for i, (z_q, codes, loss, grad) in enumerate(out):
-        assert torch.equal(codes, ref["codes"][i]) and codes.shape == (64,)
-        assert torch.equal(z_q, ref["z_q"][i]) and torch.equal(loss, ref["loss"][i])
-        assert torch.equal(grad, ref["grad"][i])
-
-
-def test_the_quantizer_reproduces_the_recorded_run_bitwise_and_its_checkpoint_format():
-    assert_reproduces_the_reference(VectorQuantizer)
+def test_the_quantizer_reproduces_the_recorded_run_bitwise_and_its_checkpoint_format(reproduces_the_reference):
+    reproduces_the_reference(VectorQuantizer)
 
 
 # -- the commitment term and the codebook term ------------------------------------------------------------------------
