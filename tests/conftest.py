@@ -1,3 +1,5 @@
+import importlib.util
+import inspect
 import os
 import sys
 
@@ -112,4 +114,36 @@ def reproduces_the_reference():
         assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ref["state"].items()}
         for name, value in ref["state"].items():
             assert torch.equal(state[name], value), name
+    return check
+
+
+@pytest.fixture
+def copied_quantizer_learns(tmp_path):
+    """copied_quantizer_learns(cls, **kw): cls's source alone, in a module that imports only torch, defines a quantizer
+    that learns 8 clusters in 4-D together with a linear encoder (the class can be copied into another project)."""
+    def check(cls, **kw):
+        source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\n"
+                  "import torch.nn.functional as F\n\n" + inspect.getsource(cls))
+        path = tmp_path / "copied_quantizer.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("copied_quantizer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+
+        torch.manual_seed(0)
+        centres = torch.randn(8, 4) * 3
+        vq = getattr(module, cls.__name__)(16, 4, init="kmeans", **kw)
+        enc = torch.nn.Linear(4, 4)
+        opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(100):
+            x = centres[torch.randint(0, 8, (256,))] + 0.05 * torch.randn(256, 4)
+            z_q, codes, loss, stats = vq(enc(x))
+            recon = torch.nn.functional.mse_loss(z_q, x)  # the quantized vector should stand for the input
+            opt.zero_grad()
+            (recon + loss).backward()
+            opt.step()
+            losses.append(float(recon.detach()))
+        assert sum(losses[-10:]) < 0.2 * sum(losses[:10])
+        assert stats["perplexity"] > 6  # the 8 clusters are all in use
     return check

@@ -1,13 +1,8 @@
 """Multi-group quantization (MGVQ) in mgvq.py: groups = 1 is vqvae.py's plain quantizer, G > 1 is G independent
 sub-quantizers computed together, and nested masking drops exactly the groups it should."""
 
-import importlib.util
-import inspect
-
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import eval as ev
 import mgvq
@@ -176,29 +171,5 @@ def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_w
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_vector_quantizer_class_stands_alone(tmp_path, groups):
-    source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n"
-              + inspect.getsource(VectorQuantizer))
-    path = tmp_path / "copied_quantizer.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("copied_quantizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    torch.manual_seed(0)
-    # 8 clusters in 4-D; an encoder (a linear map) and the copied quantizer learn them together
-    centres = torch.randn(8, 4) * 3
-    vq = module.VectorQuantizer(16, 4, groups=groups, init="kmeans")
-    enc = torch.nn.Linear(4, 4)
-    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(100):
-        x = centres[torch.randint(0, 8, (256,))] + 0.05 * torch.randn(256, 4)
-        z_q, codes, loss, stats = vq(enc(x))
-        recon = F.mse_loss(z_q, x)  # the quantized vector should stand for the input
-        opt.zero_grad()
-        (recon + loss).backward()
-        opt.step()
-        losses.append(float(recon.detach()))
-    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10])
-    assert stats["perplexity"] > 6  # the 8 clusters are all in use
+def test_vector_quantizer_class_stands_alone(copied_quantizer_learns, groups):
+    copied_quantizer_learns(VectorQuantizer, groups=groups)

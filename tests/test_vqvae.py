@@ -1,18 +1,15 @@
 """vqvae.py: the quantizer's rules and the Model contract (the protocol table in README.md)."""
 
-import importlib.util
-import inspect
-
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import adaptive_vq
 import data
 import vqvae
 import vqvae2
 from vqvae import Config, Model, VectorQuantizer
+
 
 def small_config(**kw):
     return Config(**{**dict(image_size=16, hidden=16, res_hidden=8, res_blocks=1, codebook_size=32, code_dim=4), **kw})
@@ -217,32 +214,8 @@ def test_eval_mode_changes_no_buffer():
 
 # -- the class copied alone -------------------------------------------------------------------------------------------
 
-def test_vector_quantizer_class_stands_alone(tmp_path):
-    source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n"
-              + inspect.getsource(VectorQuantizer))
-    path = tmp_path / "copied_quantizer.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("copied_quantizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    torch.manual_seed(0)
-    # 8 clusters in 4-D; an encoder (a linear map) and the copied quantizer learn them together
-    centres = torch.randn(8, 4) * 3
-    vq = module.VectorQuantizer(16, 4, init="kmeans")
-    enc = torch.nn.Linear(4, 4)
-    opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(100):
-        x = centres[torch.randint(0, 8, (256,))] + 0.05 * torch.randn(256, 4)
-        z_q, codes, loss, stats = vq(enc(x))
-        recon = F.mse_loss(z_q, x)  # the quantized vector should stand for the input
-        opt.zero_grad()
-        (recon + loss).backward()
-        opt.step()
-        losses.append(float(recon.detach()))
-    assert np.mean(losses[-10:]) < 0.2 * np.mean(losses[:10])
-    assert stats["perplexity"] > 6  # the 8 clusters are all in use
+def test_vector_quantizer_class_stands_alone(copied_quantizer_learns):
+    copied_quantizer_learns(VectorQuantizer)
 
 
 # -- the Model contract -----------------------------------------------------------------------------------------------
