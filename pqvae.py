@@ -152,7 +152,7 @@ class ProgressiveQuantizer(nn.Module):
 
     def forward(self, submaps):
         with torch.autocast(device_type=submaps.device.type, enabled=False):  # the fp32 island
-            f = submaps.float().transpose(-1, -2)  # (B, P, S, C): one matmul per product
+            f = submaps.float().transpose(-1, -2).contiguous()  # (B, P, S, C), contiguous: no copy in any step
             pinv = self.pinv()
             if self.training and self._host_initialized is None:  # once after construction or loading
                 self._host_initialized, self._host_window_step = bool(self.initialized), int(self.window_step)
