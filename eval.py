@@ -496,7 +496,7 @@ def load_weights(model, weights, source):
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise SystemExit(f"{source} was written by another version of {type(model).__module__}.py: "
-                         f"{lines[1] if len(lines) > 1 else lines[0]}") from None
+                         + "; ".join(line.rstrip(".") for line in lines[1:] or lines)) from None
 
 
 def main(argv=None):
