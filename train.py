@@ -265,6 +265,8 @@ def main(argv=None):
                     tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {ckpt_path}")
                 stopped = True
                 break
+        if world > 1:  # the ranks end together; waiting here, with the GIL released, gloo's worker threads finish
+            dist.barrier()  # letting go of the last collectives (see train_utils.kept)
     except NonFiniteLoss as err:
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "

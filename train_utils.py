@@ -146,7 +146,8 @@ def agree(stop, bad, unreadable, world):
     one small all-reduce per step."""
     if world == 1:
         return stop.requested or bool(unreadable.broken), bool(unreadable.broken)
-    flags = torch.tensor([float(stop.requested), 0.0, float(bool(unreadable.broken))], device=bad.device)
+    flags = kept("agree", (3,), bad.device)
+    flags[0], flags[2] = float(stop.requested), float(bool(unreadable.broken))
     flags[1] = bad.float()
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     bad.copy_(flags[1] > 0)
@@ -157,9 +158,22 @@ def summed(count, world, device):
     """An integer count summed over the ranks (an all-reduce under DDP, so every rank calls it alike)."""
     if world == 1:
         return count
-    total = torch.tensor(float(count), device=device)
+    total = kept("summed", (), device).fill_(float(count))
     dist.all_reduce(total)
     return int(total)
+
+
+_KEPT = {}
+
+
+def kept(name, shape, device):
+    """A tensor for the collectives above, made once and kept for the run. gloo's worker threads let go of a
+    collective's tensors a moment after it completes; a tensor that Python has already dropped then needs the GIL to
+    be freed, which an interpreter on its way out no longer gives, and the process aborts at exit."""
+    key = (name, str(device))
+    if key not in _KEPT:
+        _KEPT[key] = torch.zeros(shape, device=device)
+    return _KEPT[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
