@@ -106,10 +106,8 @@ class Model(nn.Module):
             cfg = dataclasses.replace(cfg, **tokenizer_settings(cfg.tokenizer)[0])
         self.cfg = cfg
         module = importlib.import_module(cfg.tokenizer_model)
-        self.tokenizer = evaluation.build_model(module, cfg.tokenizer_config, f"the tokenizer of {cfg.tokenizer}")
-        weights = tokenizer_weights(cfg.tokenizer, cfg.tokenizer_config)
-        if weights is not None:
-            self.tokenizer.load_state_dict(weights)
+        self.tokenizer = evaluation.build_model(module, cfg.tokenizer_config, f"the tokenizer of {cfg.tokenizer}",
+                                                tokenizer_weights(cfg.tokenizer, cfg.tokenizer_config))
         self.tokenizer.requires_grad_(False).eval()
         self.layout = cfg.tokenizer_layout  # [(one image's code shape, K), ...]
 

@@ -118,21 +118,29 @@ def reproduces_the_reference():
 
 
 @pytest.fixture
-def copied_quantizer_learns(tmp_path):
-    """copied_quantizer_learns(cls, **kw): cls's source alone, in a module that imports only torch, defines a quantizer
-    that learns 8 clusters in 4-D together with a linear encoder (the class can be copied into another project)."""
-    def check(cls, **kw):
-        source = ("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\n"
+def copied_class(tmp_path):
+    """copied_class(cls, imports=""): cls's source alone, in a new module that imports torch (and `imports`) and
+    nothing of this project: the class as a user copies it into another project."""
+    def copy(cls, imports=""):
+        source = (imports + "import torch\nimport torch.distributed as dist\nimport torch.nn as nn\n"
                   "import torch.nn.functional as F\n\n" + inspect.getsource(cls))
         path = tmp_path / "copied_quantizer.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location("copied_quantizer", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        return getattr(module, cls.__name__)
+    return copy
 
+
+@pytest.fixture
+def copied_quantizer_learns(copied_class):
+    """copied_quantizer_learns(cls, **kw): cls copied alone (copied_class) is a quantizer that learns 8 clusters in
+    4-D together with a linear encoder."""
+    def check(cls, **kw):
         torch.manual_seed(0)
         centres = torch.randn(8, 4) * 3
-        vq = getattr(module, cls.__name__)(16, 4, init="kmeans", **kw)
+        vq = copied_class(cls)(16, 4, init="kmeans", **kw)
         enc = torch.nn.Linear(4, 4)
         opt = torch.optim.Adam(enc.parameters(), lr=1e-2)
         losses = []

@@ -1,8 +1,6 @@
 """pqvae.py: partitioning, the progressive quantizer's transforms, eq. 5, prefixes and tail dropout; eval.py's code
 ablation and partial-reconstruction strip."""
 
-import importlib.util
-import inspect
 import json
 import math
 
@@ -255,16 +253,10 @@ def test_eval_mode_changes_no_buffer():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_progressive_quantizer_class_stands_alone(tmp_path):
-    source = ("import math\nimport torch\nimport torch.distributed as dist\nimport torch.nn as nn\n"
-              "import torch.nn.functional as F\n\n" + inspect.getsource(ProgressiveQuantizer))
-    path = tmp_path / "copied_quantizer.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("copied_quantizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_progressive_quantizer_class_stands_alone(copied_class):
     torch.manual_seed(0)
-    q = module.ProgressiveQuantizer(8, 16, steps=4, channel_dim=2, spatial_dim=4, codebook_size=16)
+    q = copied_class(ProgressiveQuantizer, imports="import math\n")(8, 16, steps=4, channel_dim=2, spatial_dim=4,
+                                                                     codebook_size=16)
     s = torch.randn(8, 1, 8, 16, requires_grad=True)
     e_hat, codes, loss, stats = q(s)
     (e_hat.sum() + loss).backward()
