@@ -215,13 +215,12 @@ def bench_training(argv, steps, device):
 
     for _ in range(3):  # warm-up: data init, compilation, allocator
         one_step()
-    seconds = timed(one_step, steps, device)
     if hasattr(model, "tokenizer"):  # a prior: the share of its step spent in the frozen tokenizer's encode
-        part = "the frozen tokenizer"
-        share = timed(lambda: model.encode(x), steps, device) / seconds
+        part, part_call = "the frozen tokenizer", lambda: model.encode(x)
     else:
-        part = "the quantizer"
-        share = timed(quantizer_replay(model, one_step, autocast), steps, device) / seconds
+        part, part_call = "the quantizer", quantizer_replay(model, one_step, autocast)
+    seconds, part_seconds = timed_in_turn([one_step, part_call], steps, device)
+    share = part_seconds / seconds
     # last: a step that raises mid-way (a synchronisation) leaves the optimizer and scaler unusable for timing
     verdict = sync_check(one_step) if device.type == "cuda" else None
     return tcfg, mcfg, dtype, steps * tcfg.batch_size / seconds, share, part, verdict
@@ -280,7 +279,7 @@ def gpu_check(steps, device, dataset="celeba", models=MODELS, dtypes=("bfloat16"
                 verdict = "failed: no end within 300 s"
             launched.append([model, f"torchrun, {ranks} rank(s), 4 steps", verdict])
             print(" | ".join(launched[-1]), flush=True)
-    print(f"\n| model | dtype | compiled | images/s | quantizer share | sync check |\n|---|---|---|---:|---:|---|")
+    print("\n| model | dtype | compiled | images/s | quantizer share | sync check |\n|---|---|---|---:|---:|---|")
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
     print("\n| model | run | result |\n|---|---|---|")
     print("\n".join("| " + " | ".join(r) + " |" for r in launched))
@@ -295,6 +294,16 @@ def timed(call, repeat, device):
         call()
     sync(device)
     return time.perf_counter() - t0
+
+
+def timed_in_turn(calls, repeat, device):
+    """Seconds for `repeat` calls of each of `calls`, taken in turn (one of each, `repeat` times): a machine whose
+    speed drifts during the run slows them alike, so that their ratio stays true."""
+    seconds = [0.0] * len(calls)
+    for _ in range(repeat):
+        for i, call in enumerate(calls):
+            seconds[i] += timed(call, 1, device)
+    return seconds
 
 
 def quantizer_replay(model, one_step, autocast):

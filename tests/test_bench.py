@@ -1,5 +1,7 @@
 """bench.py's measuring pieces on tiny sizes: they run the code they claim to time (no timing is asserted)."""
 
+import time
+
 import torch
 
 import bench
@@ -28,6 +30,16 @@ def test_ours_and_measure_time_a_training_forward_and_backward():
     seconds, peak = bench.measure(call, torch.device("cpu"), repeat=2)
     assert seconds > 0 and peak >= 0
     assert bool(vq.initialized) and z.grad is None  # the untimed first call initialised the codebook
+
+
+def test_timed_in_turn_alternates_the_calls_and_sums_each_ones_time():
+    order = []
+
+    def call(name, pause):
+        return lambda: (order.append(name), time.sleep(pause))
+    seconds = bench.timed_in_turn([call("step", 0.004), call("part", 0.002)], 3, torch.device("cpu"))
+    assert order == ["step", "part"] * 3  # in turn, so that a drifting machine slows both alike
+    assert seconds[0] >= 3 * 0.004 and seconds[1] >= 3 * 0.002  # each call's own time, summed
 
 
 def test_bench_loading_reads_batches_through_train_pys_loader(capsys):
