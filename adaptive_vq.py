@@ -130,14 +130,16 @@ class CodebookQuantizer(nn.Module):
         return z_q, codes, counts
 
     def nearest(self, z, codebook=None):
-        """Nearest code (P,) for each row of z (P, D), exact up to float32 rounding, with no (P, K) matrix."""
+        """Nearest code (P,) for each row of z (P, D), exact up to float32 rounding, with no (P, K) matrix; float32
+        under any autocast too (eval.py searches under its autocast)."""
         e = (self.codebook if codebook is None else codebook).detach().float()  # (K, D)
         z = z.detach().float()
-        if self.dim == 1:
-            return self._nearest_sorted(z[:, 0], e[:, 0])
-        if self.dim == 2 and z.device.type == "cpu" and self.cells_on_cpu:
-            return self._nearest_cells(z, e)
-        return self._nearest_chunked(z, e)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            if self.dim == 1:
+                return self._nearest_sorted(z[:, 0], e[:, 0])
+            if self.dim == 2 and z.device.type == "cpu" and self.cells_on_cpu:
+                return self._nearest_cells(z, e)
+            return self._nearest_chunked(z, e)
 
     def _nearest_chunked(self, z, e):
         """Distances in chunks of rows, at most `search_block` entries each, whatever P and K are."""
@@ -203,15 +205,18 @@ class CodebookQuantizer(nn.Module):
     @staticmethod
     def _nearest_sorted(z, e):
         """D = 1: binary search in the sorted codes e (K,) for each z (P,), O(P log K) instead of P * K. Ties go to
-        the lower value."""
+        the lowest index, as in the other searches."""
         K = e.shape[0]
         if K == 1:
             return torch.zeros_like(z, dtype=torch.long)
-        values, order = e.sort()  # (K,), (K,)
+        values, order = e.sort(stable=True)  # (K,), (K,): equal values in index order
+        lowest = order[torch.searchsorted(values, values)]  # (K,) per rank, the lowest index of that value
         right = torch.searchsorted(values, z).clamp(1, K - 1)  # (P,) first code >= z (clamped into 1..K-1)
-        left = right - 1
-        pick = torch.where(z - values[left] <= values[right] - z, left, right)  # (P,) rank of the nearest
-        return order[pick]
+        # distances to the codes on either side (one is negative when z lies outside the codes: the other side wins)
+        gap_left, gap_right = z - values[right - 1], values[right] - z  # (P,)
+        left, right = lowest[right - 1], lowest[right]  # (P,)
+        return torch.where(gap_left < gap_right, left,
+                           torch.where(gap_right < gap_left, right, torch.minimum(left, right)))
 
     def lookup(self, codes):  # (...) -> (..., D)
         return self.codebook[codes]
@@ -541,10 +546,15 @@ class Model(nn.Module):
     @torch.no_grad()
     def encode(self, x):
         """(B, C, H, W) -> (choice (B, h, w), codes (B, h, w, V): the chosen codebook's V / D codes, padded with
-        -1), forward's choice in eval mode."""
-        z = self._latents(x)  # (B, h, w, V)
+        -1), forward's choice in eval mode, in either mode: no EMA step, no Gumbel draw."""
+        training = self.training
+        self.eval()
+        try:
+            z = self._latents(x)  # (B, h, w, V)
+            _, y, _, codes, _ = self._quantize(z.reshape(-1, z.shape[-1]))
+        finally:
+            self.train(training)
         B, h, w, V = z.shape
-        _, y, _, codes, _ = self._quantize(z.reshape(-1, V))
         choice = y.argmax(1)  # (M,)
         out = torch.full((B * h * w, V), -1, dtype=torch.long, device=z.device)
         for i, c in enumerate(codes):  # (M, V/D_i)

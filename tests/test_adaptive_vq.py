@@ -77,6 +77,32 @@ def test_sorted_path_for_scalar_codes_finds_the_nearest_code():
     assert torch.equal(dist_got, dist_best)
 
 
+def test_the_sorted_path_breaks_ties_to_the_lowest_index_like_brute_force():
+    # integer codes and half-integer vectors: a vector halfway between two codes ties them, and duplicated codes tie
+    # among themselves; the lowest index wins, whichever side of the vector it lies on
+    q = CodebookQuantizer(2, 1, init="random")
+    q.codebook.copy_(torch.tensor([[2.0], [0.0]]))
+    assert q.nearest(torch.tensor([[1.0]])).tolist() == [0]  # the higher code, index 0
+    g = torch.Generator().manual_seed(0)
+    q = CodebookQuantizer(64, 1, init="random")
+    q.codebook.copy_(torch.randint(-6, 7, (64, 1), generator=g).float())
+    z = torch.randint(-9, 10, (3000, 1), generator=g).float() + 0.5 * torch.randint(0, 2, (3000, 1), generator=g)
+    d = (z.double() - q.codebook.double().t()).abs()  # (N, K)
+    lowest_tied = (d == d.min(1, keepdim=True).values).int().argmax(1)
+    assert torch.equal(q.nearest(z), lowest_tied)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 4])
+def test_the_search_ignores_autocast(dim):
+    # eval.py and train.py's validation call nearest under their autocast: the codes must be forward's float32 ones
+    torch.manual_seed(0)
+    q = CodebookQuantizer(2048, dim, init="random")
+    z = torch.randn(20_000, dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = q.nearest(z)
+    assert torch.equal(under_autocast, q.nearest(z))
+
+
 @pytest.mark.parametrize("layout", ["gaussian", "clustered", "wide", "far off", "one point"])
 def test_the_cell_path_for_2d_codes_is_as_exact_as_the_chunked_path(layout, buffer_shapes):
     torch.manual_seed(0)
@@ -254,6 +280,19 @@ def test_temperature_schedule_and_it_survives_a_state_dict_round_trip():
 
 
 # -- encode / decode, fixed mode -------------------------------------------------------------------------------------
+
+def test_encode_in_training_mode_changes_nothing_and_gives_the_eval_codes():
+    # like every model's encode: no EMA step, no Gumbel draw, whatever the mode
+    torch.manual_seed(0)
+    model = Model(small_config())
+    model(images())  # the data init
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    choice, codes = model.encode(images(seed=1))
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    eval_choice, eval_codes = model.eval().encode(images(seed=1))
+    assert torch.equal(choice, eval_choice) and torch.equal(codes, eval_codes)
+
 
 @pytest.mark.parametrize("kw", [{}, {"fixed": 16}])
 def test_decode_of_encode_equals_forward_in_eval_mode(kw):
