@@ -409,16 +409,17 @@ class Model(nn.Module):
         """(B, h, w, D) -> (B, C, H, W)"""
         return self.decoder(self.post_quant(z_q.permute(0, 3, 1, 2)))
 
-    def _group_mask(self, groups_to_use=None):
-        """(G,) bool, the groups to keep, or None for all of them. Training with group_mask_probs: MGVQ's nested
-        masking, one u per batch (and per rank), drawn on the device so that no value comes back to the host.
+    def _group_mask(self):
+        """(G,) bool, the groups forward keeps, or None for all of them. Training with group_mask_probs: MGVQ's
+        nested masking, one u per batch (and per rank), drawn on the device so that no value comes back to the host.
         Evaluation: the first `groups_to_use` groups."""
-        n = self.cfg.groups_to_use if groups_to_use is None else groups_to_use
         if self.training and self.cfg.group_mask_probs:
             return torch.rand((), device=self.mask_probs.device) >= self.mask_probs  # u < p_i drops group i
-        if not self.training and 0 < n < self.cfg.groups:
-            return torch.arange(self.cfg.groups, device=self.mask_probs.device) < n
-        return None
+        return None if self.training else self._prefix(self.cfg.groups_to_use)
+
+    def _prefix(self, n):
+        """(G,) bool, the first n groups, or None for all of them (n = 0 or G)."""
+        return torch.arange(self.cfg.groups, device=self.mask_probs.device) < n if 0 < n < self.cfg.groups else None
 
     def forward(self, x):
         z = self._latents(x)  # (B, h, w, D)
@@ -435,9 +436,10 @@ class Model(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes, groups_to_use=None):
-        """codes as encode gives them -> (B, C, H, W), from the first groups_to_use groups (default: the config's)."""
+        """codes as encode gives them -> (B, C, H, W), from the first groups_to_use groups (default: the config's),
+        in training mode too."""
         z_q = self.quantizer.lookup(codes)  # (B, h, w, D)
-        mask = self._group_mask(groups_to_use)
+        mask = self._prefix(self.cfg.groups_to_use if groups_to_use is None else groups_to_use)
         if mask is not None:
             z_q = z_q * mask.repeat_interleave(self.cfg.code_dim // self.cfg.groups).to(z_q.dtype)
         return self._decode_latents(z_q)

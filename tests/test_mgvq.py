@@ -126,6 +126,22 @@ def test_groups_to_use_decodes_from_a_prefix_and_matches_forward():
     assert not torch.equal(partial["groups_1"], partial["groups_4"])
 
 
+def test_decode_uses_the_groups_asked_for_in_training_mode_too():
+    # the nested masking's random draw is for forward's training steps; decode is asked for a prefix
+    torch.manual_seed(0)
+    cfg = Config(image_size=16, hidden=16, res_hidden=8, code_dim=8, groups=4, codebook_size=8,
+                 group_mask_probs=(0.0, 0.5, 0.5, 0.5))
+    model = Model(cfg)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    model(x)  # initialise the codebooks
+    codes = model.encode(x)
+    wanted = model.eval().decode(codes, 1)
+    model.train()
+    assert all(torch.equal(model.decode(codes, 1), wanted) for _ in range(20))
+    assert all(torch.equal(a, b) for a, b in zip(model.partial_decodes(x).values(),
+                                                 model.eval().partial_decodes(x).values()))
+
+
 def test_latents_per_group_and_eval_reports_groups():
     torch.manual_seed(0)
     model = Model(Config(image_size=16, hidden=16, res_hidden=8, code_dim=8, groups=2, codebook_size=8))
