@@ -505,13 +505,15 @@ class Model(nn.Module):
         self.register_buffer("wf_best", torch.tensor(0))  # the largest so far
         self.register_buffer("wf_stale", torch.tensor(0))  # predictions in a row without a new largest
         self.step = 0  # not a buffer: train.py sets it on resume too
+        self._host_stale = None  # host copy of wf_stale (see switch_due)
 
     # -- the warm-up schedule
 
     def set_step(self, step):
         """train.py calls this before every step, on every rank. Every `waterfill_every` warm-up steps, predict the
-        codebook dimension; the adaptive rule switches after `patience` predictions without a new maximum (not "no
-        increase": the prediction is noisy). warmup_steps stays the longest warm-up."""
+        codebook dimension (on the host: only those steps read tensors back); the adaptive rule switches after
+        `patience` predictions without a new maximum (not "no increase": the prediction is noisy). warmup_steps
+        stays the longest warm-up."""
         self.step = step
         every = self.cfg.waterfill_every
         if self.quantizer.warming_up and every > 0 and step > 0 and step % every == 0:
@@ -522,11 +524,19 @@ class Model(nn.Module):
                 self.wf_stale.zero_()
             else:
                 self.wf_stale.add_(1)
+            self._host_stale = None
 
     def switch_due(self):
+        """From a host copy of wf_stale, reread after a prediction or a load: not a read from the GPU every step."""
         if self.step >= self.cfg.warmup_steps:
             return True
-        return self.cfg.switch_rule == "adaptive" and bool(self.wf_stale >= self.cfg.patience)
+        if self._host_stale is None:
+            self._host_stale = int(self.wf_stale)
+        return self.cfg.switch_rule == "adaptive" and self._host_stale >= self.cfg.patience
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_stale = None  # reread from the loaded buffer
 
     def gan_active(self):
         return self.discriminator is not None and self.training and self.step >= self.cfg.disc_start

@@ -358,10 +358,13 @@ def test_train_and_eval_end_to_end_report_eff_dims_and_curves(tmp_path, monkeypa
     assert metrics["mse"] > 0 and metrics["vq/waterfill_dim"] >= 1
 
 
-@pytest.mark.parametrize("warmup_steps", [0, 100])  # the VQ phase (with respawns), the warm-up (fixed rule)
-def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads, warmup_steps):
+# the VQ phase (with respawns), the warm-up under either switch rule (water-filling predictions, which read their
+# spectrum on the host, come only every waterfill_every steps: none here)
+@pytest.mark.parametrize("warmup_steps,rule", [(0, "fixed"), (100, "fixed"), (100, "adaptive")])
+def test_training_steps_after_the_first_read_no_tensor_value_on_the_host(steps_without_host_reads, warmup_steps,
+                                                                         rule):
     torch.manual_seed(0)
-    model = Model(small_config(warmup_steps=warmup_steps, respawn_every=2))
+    model = Model(small_config(warmup_steps=warmup_steps, respawn_every=2, switch_rule=rule))
     steps_without_host_reads(model, images(), steps=4)
     assert model.quantizer.respawn_step == (1 if warmup_steps == 0 else 0)  # 5 VQ steps: checks at the 2nd, 4th
 
