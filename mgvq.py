@@ -82,6 +82,8 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         if init not in ("kmeans", "data", "random"):
             raise ValueError(f"init must be 'kmeans', 'data' or 'random', got {init!r}")
+        if not 0 <= decay <= 1:  # an EMA weight (1: it never moves); outside [0, 1] it diverges
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
         if groups < 1 or dim % groups:
             raise ValueError(f"dim {dim} must be divisible by groups {groups}")
         self.codebook_size, self.dim, self.groups, self.beta = codebook_size, dim, groups, beta
@@ -156,6 +158,7 @@ class VectorQuantizer(nn.Module):
         return codes
 
     @staticmethod
+    @torch.compiler.disable  # under --compile, torch 2.13's inductor fails on it: it runs eagerly, as it is
     def _argmin(d, block=64):
         """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
         codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over

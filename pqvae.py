@@ -127,6 +127,8 @@ class ProgressiveQuantizer(nn.Module):
         super().__init__()
         if code_choice not in ("nearest", "gumbel"):
             raise ValueError(f"code_choice must be 'nearest' or 'gumbel', got {code_choice!r}")
+        if not 0 <= decay <= 1:  # an EMA weight (1: it never moves); outside [0, 1] it diverges
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.steps, self.channel_dim, self.spatial_dim = steps, channel_dim, spatial_dim
         self.dim, self.codebook_size, self.code_choice = channel_dim * spatial_dim, codebook_size, code_choice
         self.beta, self.lambda_h, self.ema, self.decay, self.eps = beta, lambda_h, ema, decay, eps
@@ -339,6 +341,7 @@ class ProgressiveQuantizer(nn.Module):
         return torch.cat([self._argmin(c_sq - 2 * e[i:i + chunk] @ codebook.t()) for i in range(0, e.shape[0], chunk)])
 
     @staticmethod
+    @torch.compiler.disable  # under --compile, torch 2.13's inductor fails on it: it runs eagerly, as it is
     def _argmin(d, block=64):
         """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
         codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over

@@ -114,6 +114,8 @@ class WarmupQuantizer(nn.Module):
         super().__init__()
         if switch_init not in ("kmeans", "keep"):
             raise ValueError(f"switch_init must be 'kmeans' or 'keep', got {switch_init!r}")
+        if not 0 <= usage_decay <= 1:  # an EMA weight (1: it never moves); outside [0, 1] it diverges
+            raise ValueError(f"usage_decay must be in [0, 1], got {usage_decay}")
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.usage_decay, self.respawn_threshold, self.respawn_every = usage_decay, respawn_threshold, respawn_every
         self.kmeans_iters, self.switch_init = kmeans_iters, switch_init
@@ -271,6 +273,7 @@ class WarmupQuantizer(nn.Module):
         return torch.zeros(self.codebook_size, device=codes.device).index_add_(0, codes, ones)
 
     @staticmethod
+    @torch.compiler.disable  # under --compile, torch 2.13's inductor fails on it: it runs eagerly, as it is
     def _argmin(d, block=64):
         """argmin over the last dim of d (..., K), exact, ties to the lowest index: the minimum of each block of `block`
         codes, then the argmin inside the first block holding the row's minimum (on a CPU faster than one argmin over
