@@ -377,18 +377,26 @@ def main():
     p.add_argument("--gpu_check", action="store_true", help="instead: every model in bf16 and fp16, eager and "
                    "compiled, at the celeba preset, with a sync check, then torchrun on every GPU: one table")
     args, train_argv = p.parse_known_args()
+    if min(args.repeat, args.steps, args.batches) < 1:
+        p.error("--repeat, --steps and --batches must be at least 1")
+    try:
+        sizes = [tuple(int(v) for v in s.split(",")) for s in args.quantizer] if args.quantizer else DEFAULT_SIZES
+        workers = [int(w) for w in args.loading.split(",")] if args.loading else []
+    except ValueError:
+        p.error("--quantizer takes N,K,D and --loading W,W,...: integers")
+    if any(len(size) != 3 or min(size) < 1 for size in sizes) or any(w < 0 for w in workers):
+        p.error("--quantizer takes N,K,D, each at least 1, and --loading numbers of workers, each at least 0")
     tcfg, _, _, _ = train.resolve_config(train_argv)
     device = torch.device(train_utils.device_name(tcfg))
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     if args.loading:
-        bench_loading(train_argv, args.batches, [int(w) for w in args.loading.split(",")])
+        bench_loading(train_argv, args.batches, workers)
         return
     if args.gpu_check:
         gpu_check(args.steps, device, extra=train_argv)
         return
 
     if not args.train_only:
-        sizes = [tuple(int(v) for v in s.split(",")) for s in args.quantizer] if args.quantizer else DEFAULT_SIZES
         if device.type == "cpu" and args.memory_limit_gib > 0:
             limit_memory(args.memory_limit_gib)
         compare_quantizers(sizes, device, args.repeat)

@@ -57,6 +57,7 @@ raster order for grids) and reports
 
 import argparse
 import collections
+import contextlib
 import csv
 import hashlib
 import importlib
@@ -389,8 +390,13 @@ def save_rows(rows, path, n=8):
     if grid.shape[2] == 1:
         grid = grid[:, :, 0]
     tmp = path + ".tmp.png"
-    Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written file left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def format_table(metrics):
@@ -421,7 +427,7 @@ def import_model(name, program="train.py"):
         if err.name != name:
             raise
         models = sorted(f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and f[:-3] not in
-                        ("train", "eval", "data", "bench", "sample", "setup", "conftest"))
+                        ("train", "train_utils", "eval", "data", "bench", "sample", "setup", "conftest"))
         raise SystemExit(f"{program}: unknown --model {name!r}: no {name}.py (models here: {', '.join(models)})")
     for attr in ("Config", "Model"):
         if not hasattr(module, attr):
@@ -444,27 +450,30 @@ def checked_device(name, program):
     return device
 
 
-def read_checkpoint(path):
-    """A checkpoint written by train.py, loaded on the CPU (weights only), or a clear exit naming the file (or the
-    non-finite tensors among its weights)."""
+def read_checkpoint(path, program="eval.py"):
+    """A checkpoint written by train.py, loaded on the CPU (weights only), or an exit in one line naming the file
+    (or the non-finite tensors among its weights)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"no checkpoint at {path}")
+        raise SystemExit(f"{program}: no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which file, not a pickle traceback
-        raise SystemExit(f"cannot read checkpoint {path}: {err}") from err
-    weights = ckpt.get("model", {}) if isinstance(ckpt, dict) else {}
-    bad = [name for name, t in weights.items() if torch.is_tensor(t) and t.is_floating_point()
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0][:200]
+        raise SystemExit(f"{program}: cannot read checkpoint {path} (truncated, corrupt, or not train.py's): "
+                         f"{reason}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "train_config"} <= set(ckpt):
+        raise SystemExit(f"{program}: {path} is not a checkpoint written by train.py")
+    bad = [name for name, t in ckpt["model"].items() if torch.is_tensor(t) and t.is_floating_point()
            and not bool(torch.isfinite(t).all())]
     if bad:  # a run saved after its weights diverged: nothing to resume or evaluate
-        raise SystemExit(f"{path} holds non-finite values in {', '.join(bad[:5])}"
+        raise SystemExit(f"{program}: {path} holds non-finite values in {', '.join(bad[:5])}"
                          + (f" and {len(bad) - 5} more tensors" if len(bad) > 5 else ""))
     return ckpt
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", program="eval.py"):
     """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, program)
     module = import_model(ckpt["train_config"]["model"], "eval.py")
     model = build_model(module, ckpt["model_config"], path, ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -528,6 +537,8 @@ def main(argv=None):
                    "--out (default: beside the log)")
     p.add_argument("--out", default=None, help="output folder for --images, --decode and --curves")
     args = p.parse_args(argv)
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"eval.py: --out {args.out} is a file; give a folder")
     if args.curves:
         return draw_curves(args.curves, args.out or os.path.dirname(os.path.abspath(args.curves)))
     if not args.ckpt:
@@ -536,14 +547,17 @@ def main(argv=None):
         p.error("--images and --decode need --out, the folder to write into")
     if args.codes and not args.images:
         p.error("--codes goes with --images")
-    if args.batch_size < 1:
-        p.error("--batch_size must be at least 1")
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        p.error("--batch_size and --max_batches must be at least 1")
 
     device = checked_device(args.device, "eval.py")
     for option in ("json", "grid", "strip"):  # before the work: a path that cannot be written is refused now
-        folder = os.path.dirname(os.path.abspath(getattr(args, option) or args.ckpt))
-        if getattr(args, option) and not os.path.isdir(folder):
+        path = getattr(args, option)
+        folder = os.path.dirname(os.path.abspath(path or args.ckpt))
+        if path and not os.path.isdir(folder):
             raise SystemExit(f"eval.py: --{option}: the folder {folder} does not exist")
+        if path and os.path.isdir(path):
+            raise SystemExit(f"eval.py: --{option} {path} is a folder; give a file name")
     model, ckpt = load_model(args.ckpt, device)
     if args.images:
         return reconstruct_folder(model, ckpt, args, device)
@@ -705,6 +719,8 @@ def decode_codes(model, ckpt, args, device):
         array = np.load(args.decode, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise SystemExit(f"eval.py: cannot read codes from {args.decode}: {err}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise SystemExit(f"eval.py: {args.decode} is not one array of codes (an .npy file, as --codes writes)")
     if not np.issubdtype(array.dtype, np.integer):
         raise SystemExit(f"eval.py: {args.decode} holds {array.dtype} values; codes are integers")
     codes = torch.from_numpy(array).long()
@@ -721,8 +737,14 @@ def decode_codes(model, ckpt, args, device):
     meta_path = os.path.splitext(args.decode)[0] + ".json"
     names = [f"{i:06d}.png" for i in range(len(codes))]
     if os.path.isfile(meta_path):  # written by --codes: the tokenizer's weights must be the ones that encoded
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            raise SystemExit(f"eval.py: {meta_path}, beside the codes, is not the JSON that --codes writes: move it "
+                             f"away to decode the codes alone")
         if meta.get("weights_sha256") != fingerprint(tokenizer or model):
             raise SystemExit(f"eval.py: {args.decode} holds the codes of {meta.get('checkpoint')}, whose weights "
                              f"differ from those {args.ckpt} decodes with")
@@ -830,9 +852,21 @@ def draw_curves(log_path, out_dir):
     participation ratio, water-filling)."""
     try:
         with open(log_path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
         raise SystemExit(f"eval.py: cannot read the log {log_path}: {err}") from None
+    records = []
+    for n, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if n == lines[-1][0]:  # cut short by a killed run, as train.py's resume also expects
+                print(f"note: {log_path}: line {n}, the last, is cut short: left out")
+                continue
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            raise SystemExit(f"eval.py: {log_path}, line {n}: not a train.py log record")
+        records.append(record)
     if not records:
         raise SystemExit(f"eval.py: {log_path} holds no records")
     os.makedirs(out_dir, exist_ok=True)
@@ -855,7 +889,7 @@ def draw_curves(log_path, out_dir):
                  for line in [series(split, key)] if line[0]]
         if lines:
             panels.append((title, "step", "", lines))
-    drawn = plot(os.path.join(out_dir, "curves.png"), log_path, panels)
+    drawn = panels and plot(os.path.join(out_dir, "curves.png"), log_path, panels)
     print(f"wrote {os.path.join(out_dir, 'curves.csv')}" + (" and curves.png" if drawn else ""))
     return records
 

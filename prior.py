@@ -202,9 +202,7 @@ def load_tokenizer(path):
     """A tokenizer's train.py checkpoint -> (its Model in eval mode, the checkpoint), or an exit naming the file."""
     if not path or not os.path.isfile(path):
         raise SystemExit(f"prior.py: no tokenizer checkpoint at {path!r} (--tokenizer: a train.py checkpoint)")
-    ckpt = evaluation.read_checkpoint(path)
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "train_config"} <= set(ckpt):
-        raise SystemExit(f"prior.py: {path} is not a checkpoint written by train.py")
+    ckpt = evaluation.read_checkpoint(path, "prior.py")
     name = ckpt["train_config"]["model"]
     try:
         module = importlib.import_module(name)

@@ -12,6 +12,7 @@ behind each picture are saved beside it (.npy, one row per image).
 """
 
 import argparse
+import itertools
 import os
 
 import numpy as np
@@ -47,9 +48,11 @@ def main(argv=None):
     num = args.num if args.num is not None else (8 if args.prefix else 64)
     if num < 1 or args.batch_size < 1 or args.top_k < 0 or not args.temperature >= 0:
         p.error("--num and --batch_size must be at least 1, --top_k and --temperature at least 0")
+    if args.out and os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a folder; give the PNG's file name")
 
-    device = torch.device(args.device)
-    model, ckpt = evaluation.load_model(args.ckpt, device)
+    device = evaluation.checked_device(args.device, "sample.py")
+    model, ckpt = evaluation.load_model(args.ckpt, device, "sample.py")
     if not hasattr(model, "generate"):
         raise SystemExit(f"sample.py: {args.ckpt} holds a {ckpt['train_config']['model']} model, not a prior "
                          f"(train one with: python train.py --model prior --tokenizer {args.ckpt})")
@@ -72,10 +75,15 @@ def main(argv=None):
         tcfg = ckpt["train_config"]
         try:
             dataset = data.get_dataset(tcfg["dataset"], args.split, args.data_dir or tcfg["data_dir"] or None,
-                                       ckpt["model_config"]["image_size"], ckpt["model_config"].get("in_channels"))
+                                       ckpt["model_config"]["image_size"], ckpt["model_config"].get("in_channels"),
+                                       skip_unreadable=True)  # an unreadable image is named and passed over
         except data.DataError as err:
             raise SystemExit(f"sample.py: {err}") from err
-        x = torch.stack([dataset[i] for i in range(min(num, len(dataset)))]).to(device)
+        readable = (image for image in map(dataset.__getitem__, range(len(dataset))) if image is not None)
+        x = list(itertools.islice(readable, num))
+        if not x:
+            raise SystemExit(f"sample.py: not one readable image in the {args.split} split")
+        x = torch.stack(x).to(device)
         posterior = model.encode(x)  # (num, n)
         completed = [generate(model, posterior[:, :n], args, generator) for n in lengths]
         codes = torch.cat([posterior, *completed])

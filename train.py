@@ -128,6 +128,9 @@ def main(argv=None):
         for scaler, state in zip(scalers, ckpt["scalers"]):
             scaler.load_state_dict(state)
         step = ckpt["step"]
+        if master and step >= tcfg.max_iters:
+            print(f"train.py: the checkpoint is at step {step}, at or past --max_iters {tcfg.max_iters}: nothing to "
+                  f"train (pass a larger --max_iters to continue)")
     # Each rank draws its own noise (dropout, Gumbel); rank 0 continues its saved stream after a resume.
     if ckpt is not None and master:
         torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
@@ -271,6 +274,10 @@ def main(argv=None):
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
+    except OSError as err:  # a log line or a picture that cannot be written (a full disk)
+        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        raise SystemExit(f"train.py: {err.filename or tcfg.out_dir}: {err.strerror or err}; stopping ({kept})") \
+            from None
     finally:
         bar.close()
         stop.restore()
@@ -306,7 +313,7 @@ def resolve_config(argv):
     ckpt = None
     if tcfg.resume:
         ckpt_path = os.path.join(tcfg.out_dir or default_out_dir(tcfg), "ckpt.pt")
-        ckpt = evaluation.read_checkpoint(ckpt_path)
+        ckpt = evaluation.read_checkpoint(ckpt_path, "train.py: --resume")
         for key in ("model", "dataset"):  # a run continues on its own data with its own model
             if early.get(key, ckpt["train_config"][key]) != ckpt["train_config"][key]:
                 raise SystemExit(f"train.py: --resume: --{key} {early[key]} differs from the checkpoint's "
@@ -363,7 +370,12 @@ def check(tcfg):
         (tcfg.max_iters >= 0, "--max_iters must be at least 0"),
         (min(tcfg.log_interval, tcfg.eval_interval, tcfg.ckpt_interval, tcfg.eval_batches) >= 1,
          "--log_interval, --eval_interval, --ckpt_interval and --eval_batches must be at least 1"),
-        (0 < tcfg.lr < math.inf, "--lr must be positive and finite"),
+        (0 < tcfg.lr < 3.4e38, "--lr must be positive and finite (in float32)"),
+        (0 <= tcfg.min_lr_ratio <= 1, "--min_lr_ratio must be between 0 and 1"),
+        (0 <= tcfg.beta1 < 1 and 0 <= tcfg.beta2 < 1, "--beta1 and --beta2 must be in [0, 1)"),
+        (0 <= tcfg.weight_decay < math.inf, "--weight_decay must be at least 0 and finite"),
+        (0 <= tcfg.grad_clip < math.inf, "--grad_clip must be at least 0 (0: no clipping) and finite"),
+        (tcfg.num_workers >= 0, "--num_workers must be at least 0"),
         (tcfg.warmup_iters >= 0 and tcfg.lr_decay_iters >= 1, "--warmup_iters >= 0 and --lr_decay_iters >= 1"),
         (tcfg.data_dir or not tcfg.download, "--download needs --data_dir, the folder to download into"),
         (tcfg.threads >= 0, "--threads must be at least 0 (0: the default)"),

@@ -284,7 +284,8 @@ def save_checkpoint(state, path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         kept = f"the previous checkpoint {path} is kept" if os.path.exists(path) else "no checkpoint is saved"
-        reason = (err.strerror if isinstance(err, OSError) and err.strerror else str(err)).strip().splitlines()[0]
+        reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                  else f"the write failed, is the disk full? {str(err).strip().splitlines()[0]}")
         raise SystemExit(f"train.py: cannot write {path} ({reason}); {kept}") from None
 
 
@@ -354,7 +355,7 @@ class RunLock:
             return host, pid  # another machine's run: its liveness cannot be checked from here
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, ValueError):  # gone, or a garbled lock: stale either way
             return None
         except PermissionError:  # alive, another user's
             pass

@@ -125,6 +125,14 @@ def test_decode_refuses_codes_of_another_shape_range_or_model(trained, tmp_path)
     np.save(tmp_path / "float.npy", np.zeros((2, 64), np.float32))
     with pytest.raises(SystemExit, match="float32 values; codes are integers"):
         ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "float.npy"), "--out", str(tmp_path)])
+    np.savez(tmp_path / "archive.npz", codes=np.zeros((2, 64), np.int32))
+    with pytest.raises(SystemExit, match="is not one array of codes"):
+        ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "archive.npz"), "--out", str(tmp_path)])
+    np.save(tmp_path / "fine.npy", np.zeros((2, 64), np.int32))
+    for sidecar in ("{bad", "[1, 2]"):  # a JSON beside the codes that --codes did not write
+        (tmp_path / "fine.json").write_text(sidecar)
+        with pytest.raises(SystemExit, match="fine.json, beside the codes, is not the JSON that --codes writes"):
+            ev.main(["--ckpt", str(trained / "ckpt.pt"), "--decode", str(tmp_path / "fine.npy"), "--out", str(tmp_path)])
     # codes written by a model of the same config but other weights (another seed) are refused
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -165,6 +173,18 @@ def test_training_curves_are_written_as_csv_and_drawn_when_matplotlib_is_there(t
     pytest.importorskip("matplotlib")  # the picture itself: only where the optional extra is installed
     ev.main(["--curves", str(trained / "log.jsonl"), "--out", str(tmp_path / "c")])
     assert Image.open(tmp_path / "c" / "curves.png").size[0] > 100
+
+
+def test_curves_leave_out_a_last_line_cut_short_and_refuse_a_line_that_is_no_record(trained, tmp_path, capsys):
+    text = open(trained / "log.jsonl").read()
+    (tmp_path / "cut.jsonl").write_text(text + '{"step": 99, "spl')  # a run killed mid-write
+    ev.main(["--curves", str(tmp_path / "cut.jsonl"), "--out", str(tmp_path / "c")])
+    assert "line 9, the last, is cut short: left out" in capsys.readouterr().out
+    assert len(read_csv(tmp_path / "c" / "curves.csv")) == 8
+    for bad in ('{"step": 99, "spl\n' + text, "[1, 2]\n"):  # cut short mid-file; valid JSON, not a record
+        (tmp_path / "bad.jsonl").write_text(bad)
+        with pytest.raises(SystemExit, match="bad.jsonl, line 1: not a train.py log record"):
+            ev.main(["--curves", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "c")])
 
 
 # -- data.py: the files users have ------------------------------------------------------------------------------------

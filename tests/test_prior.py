@@ -280,7 +280,7 @@ def test_unigram_baseline_against_counts_by_hand():
     assert bits.tolist() == pytest.approx(expected)
 
 
-def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys):
+def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys, monkeypatch):
     out = str(tmp_path / "p")
     train.main(["--model", "prior", "--tokenizer", tokenizer, *TINY_PRIOR, "--max_iters", "20", "--out_dir", out])
     ckpt = os.path.join(out, "ckpt.pt")
@@ -326,6 +326,19 @@ def test_eval_and_sample_on_a_prior_checkpoint(tmp_path, tokenizer, capsys):
     assert "--prefix lengths must lie in 0..16" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a prior"):
         sample.main(["--ckpt", tokenizer])
+    with pytest.raises(SystemExit, match="sample.py: --device foo is not a device"):
+        sample.main(["--ckpt", ckpt, "--device", "foo"])
+
+    # an unreadable image of the split (the dataset gives None for it) is passed over, as in eval.py
+    real = data.get_dataset
+
+    def first_unreadable(*args, **kwargs):
+        dataset = real(*args, **kwargs)
+        assert kwargs.get("skip_unreadable")
+        return [None] + [dataset[i] for i in range(1, 5)]
+    monkeypatch.setattr(data, "get_dataset", first_unreadable)
+    codes = sample.main(["--ckpt", ckpt, "--prefix", "16", "--num", "3", "--out", str(tmp_path / "u.png")])
+    assert torch.equal(codes[:3], model.encode(first["test"][1:4]))  # images 1, 2, 3
 
 
 def test_a_prior_checkpoint_needs_no_tokenizer_file(tmp_path, tokenizer):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import eval as evaluation
 import train
@@ -69,15 +70,44 @@ def test_optional_types_and_bounds():
     assert train_utils.convert("k", "none", Optional[int]) is None and train_utils.convert("k", "5", int | None) == 5
     for argv, message in [(["--eval_batches", "0"], "--eval_batches must be at least 1"),
                           (["--lr", "inf"], "--lr must be positive and finite"),
+                          (["--lr", "1e300"], "--lr must be positive and finite"),
+                          (["--min_lr_ratio", "-5"], "--min_lr_ratio must be between 0 and 1"),
+                          (["--min_lr_ratio", "nan"], "--min_lr_ratio must be between 0 and 1"),
+                          (["--beta1", "2"], "--beta1 and --beta2 must be in"),
+                          (["--beta2", "nan"], "--beta1 and --beta2 must be in"),
+                          (["--weight_decay", "-1"], "--weight_decay must be at least 0"),
+                          (["--grad_clip", "nan"], "--grad_clip must be at least 0"),
+                          (["--num_workers", "-1"], "--num_workers must be at least 0"),
                           (["--lr_decay_iters", "0"], "--lr_decay_iters >= 1"),
                           (["--download"], "--download needs --data_dir")]:
         with pytest.raises(SystemExit, match=message):
             train.resolve_config(argv)
 
 
+def test_compile_trains_on_cpu(tmp_path):
+    # --compile through torch.compile's inductor: training steps, validation and a checkpoint. In a process of its
+    # own: inductor leaves settings in os.environ that later subprocesses of this one (torchrun's tests) would inherit
+    out = str(tmp_path / "run")
+    # 4 images (256 vectors) and 256 codes: shapes at which torch 2.13's inductor failed on the blocked argmin
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--batch_size", "4", "--codebook_size", "256",
+                             "--compile", "--max_iters", "2", "--eval_interval", "2", "--out_dir", out],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2: val psnr" in result.stdout + result.stderr
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 2
+
+
 def test_a_setting_the_model_refuses_is_reported_without_a_traceback(tmp_path):
     with pytest.raises(SystemExit, match="train.py: vqvae: downsample must be a power of 2"):
         train.main(["--downsample", "3", "--out_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("model,flag", [("vqvae", "decay"), ("vqvae2", "decay"), ("mgvq", "decay"),
+                                        ("pqvae", "decay"), ("adaptive_vq", "decay"), ("warmup_vqgan", "usage_decay")])
+@pytest.mark.parametrize("value", ["1.5", "-1"])
+def test_an_ema_decay_outside_0_1_is_refused_in_one_line(tmp_path, model, flag, value):
+    with pytest.raises(SystemExit, match=rf"train.py: {model}: {flag} must be in \[0, 1\], got {value}"):
+        train.main(["--model", model, f"--{flag}", value, "--out_dir", str(tmp_path)])
 
 
 def test_lr_schedules():
@@ -242,11 +272,14 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
-def test_a_new_run_does_not_overwrite_an_existing_one(tmp_path):
+def test_a_new_run_does_not_overwrite_an_existing_one(tmp_path, capsys):
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "3"])
     with pytest.raises(SystemExit, match="ckpt.pt exists: pass --resume"):
         train.main([*TINY, "--out_dir", out, "--max_iters", "1"])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
+    train.main(["--out_dir", out, "--resume", "--max_iters", "2"])  # nothing left to train: said, nothing changed
+    assert "the checkpoint is at step 3, at or past --max_iters 2: nothing to train" in capsys.readouterr().out
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 3
     train.main([*TINY, "--out_dir", out, "--max_iters", "1", "--overwrite"])
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 1
@@ -495,6 +528,10 @@ def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkey
     monkeypatch.setattr(evaluation, "evaluate", no_work)
     with pytest.raises(SystemExit, match="--grid: the folder .*missing/dir does not exist"):
         evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--grid", str(tmp_path / "missing/dir/g.png")])
+    with pytest.raises(SystemExit, match=f"--json {out} is a folder; give a file name"):
+        evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--json", out])
+    with pytest.raises(SystemExit, match="--out .*ckpt.pt is a file; give a folder"):
+        evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--images", out, "--out", os.path.join(out, "ckpt.pt")])
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
@@ -510,6 +547,21 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_
         monkeypatch.undo()
         assert not os.path.exists(path + ".tmp")
         assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_full_disk_while_validating_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = Image.Image.save
+
+    def full_disk(image, path, *args, **kwargs):  # the picture's write starts, then the disk is full
+        real_save(image, path, *args, **kwargs)
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"^train.py: .*recon_000002.png.tmp.png: No space left on device; stopping "
+                                         r"\(the last good checkpoint .*ckpt.pt is kept\)$"):
+        train.main([*TINY, "--out_dir", str(out), "--max_iters", "2", "--eval_interval", "2"])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # written before validating
+    assert not list(out.glob("*.png"))  # no half-written picture left
 
 
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -585,6 +637,33 @@ def test_a_stale_lock_from_a_killed_run_does_not_block(tmp_path):
     train.main([*TINY, "--out_dir", str(out), "--max_iters", "2"])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
     assert not (out / "lock").exists()
+
+
+def test_a_garbled_lock_is_taken_as_stale(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lock").write_text(f"{socket.gethostname()} notapid")
+    train.main([*TINY, "--out_dir", str(out), "--max_iters", "1"])
+    assert not (out / "lock").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "cannot read checkpoint"),  # empty
+    (b"garbage", "cannot read checkpoint"),
+    ({"a": 1}, "is not a checkpoint written by train.py"),
+    ([1, 2], "is not a checkpoint written by train.py"),
+])
+def test_a_checkpoint_that_is_not_train_pys_is_refused_in_one_line(tmp_path, content, message):
+    path = tmp_path / "ckpt.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    for program, call in [("eval.py", lambda: evaluation.main(["--ckpt", str(path)])),
+                          ("train.py: --resume", lambda: train.main(["--out_dir", str(tmp_path), "--resume"]))]:
+        with pytest.raises(SystemExit, match=f"^{program}: ") as refused:
+            call()
+        assert "\n" not in str(refused.value) and message in str(refused.value)
 
 
 def test_a_refusal_under_torchrun_is_printed_once(tmp_path):
