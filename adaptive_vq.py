@@ -213,7 +213,7 @@ class CodebookQuantizer(nn.Module):
         if K == 1:
             return torch.zeros_like(z, dtype=torch.long)
         values, order = e.sort(stable=True)  # (K,), (K,): equal values in index order
-        lowest = order[torch.searchsorted(values, values)]  # (K,) per rank, the lowest index of that value
+        lowest = order[torch.searchsorted(values, values)]  # (K,) per sorted position, the lowest index of its value
         right = torch.searchsorted(values, z).clamp(1, K - 1)  # (P,) first code >= z (clamped into 1..K-1)
         # distances to the codes on either side (one is negative when z lies outside the codes: the other side wins)
         gap_left, gap_right = z - values[right - 1], values[right] - z  # (P,)
