@@ -1,7 +1,9 @@
 """bench.py's measuring pieces on tiny sizes: they run the code they claim to time (no timing is asserted)."""
 
+import sys
 import time
 
+import pytest
 import torch
 
 import bench
@@ -40,6 +42,19 @@ def test_timed_in_turn_alternates_the_calls_and_sums_each_ones_time():
     seconds = bench.timed_in_turn([call("step", 0.004), call("part", 0.002)], 3, torch.device("cpu"))
     assert order == ["step", "part"] * 3  # in turn, so that a drifting machine slows both alike
     assert seconds[0] >= 3 * 0.004 and seconds[1] >= 3 * 0.002  # each call's own time, summed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--repeat, --steps and --batches must be at least 1"),
+    (["--quantizer", "8,a,2"], "--quantizer takes N,K,D and --loading W,W,...: integers"),
+    (["--loading", "0,x"], "--quantizer takes N,K,D and --loading W,W,...: integers"),
+    (["--quantizer", "8,2"], "--quantizer takes N,K,D, each at least 1"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert message in capsys.readouterr().err
 
 
 def test_bench_loading_reads_batches_through_train_pys_loader(capsys):

@@ -519,7 +519,7 @@ def test_a_checkpoint_of_another_version_of_the_model_file_is_refused_with_the_r
             call()
 
 
-def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkeypatch):
+def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     train.main([*TINY, "--out_dir", out, "--max_iters", "1"])
 
@@ -532,6 +532,9 @@ def test_eval_refuses_a_missing_output_folder_before_evaluating(tmp_path, monkey
         evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--json", out])
     with pytest.raises(SystemExit, match="--out .*ckpt.pt is a file; give a folder"):
         evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--images", out, "--out", os.path.join(out, "ckpt.pt")])
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ckpt", os.path.join(out, "ckpt.pt"), "--max_batches", "0"])
+    assert "--batch_size and --max_batches must be at least 1" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
