@@ -474,7 +474,7 @@ def read_checkpoint(path, program="eval.py"):
 def load_model(path, device="cpu", program="eval.py"):
     """Rebuild the model saved in a train.py checkpoint. Returns (model in eval mode, checkpoint dict)."""
     ckpt = read_checkpoint(path, program)
-    module = import_model(ckpt["train_config"]["model"], "eval.py")
+    module = import_model(ckpt["train_config"]["model"], program)
     model = build_model(module, ckpt["model_config"], path, ckpt["model"])
     return model.to(device).eval(), ckpt
 

@@ -270,14 +270,13 @@ def main(argv=None):
                 break
         if world > 1:  # the ranks end together; waiting here, with the GIL released, gloo's worker threads finish
             dist.barrier()  # letting go of the last collectives (see train_utils.kept)
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, OSError) as err:  # OSError: a log line or a picture that cannot be written (a full disk)
         kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        if isinstance(err, OSError):
+            raise SystemExit(f"train.py: {err.filename or tcfg.out_dir}: {err.strerror or err}; stopping ({kept})") \
+                from None
         raise SystemExit(f"train.py: {err}; stopping ({kept}). Try a lower --lr, --grad_clip 1, or --dtype "
                          f"bfloat16/float32 instead of float16.") from None
-    except OSError as err:  # a log line or a picture that cannot be written (a full disk)
-        kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
-        raise SystemExit(f"train.py: {err.filename or tcfg.out_dir}: {err.strerror or err}; stopping ({kept})") \
-            from None
     finally:
         bar.close()
         stop.restore()
